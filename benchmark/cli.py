@@ -1,0 +1,163 @@
+"""`bench`: the one command-line entry point. Each sub-command is a thin shell over a module that does
+the work; heavy imports (torch) happen inside the commands so `bench --help` stays fast.
+
+User errors (`BenchError`) end as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from benchmark.errors import BenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="digit-bench: human-vs-model benchmark and error analysis on MNIST.")
+console = Console()
+err_console = Console(stderr=True)
+
+WorkspaceOpt = typer.Option(None, "--workspace", envvar="BENCH_WORKSPACE",
+                            help="Workspace folder for all artefacts [default: ./workspace].")
+DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the four MNIST IDX files (.gz or raw); "
+                                                   "else BENCH_DATA_DIR, the workspace cache, or a download.")
+
+
+def user_errors(command):
+    """Turn BenchError into `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BenchError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def workspace_path(workspace: Optional[Path]) -> Path:
+    from benchmark.runs import resolve_workspace
+
+    return resolve_workspace(workspace)
+
+
+@app.command()
+@user_errors
+def data(data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """Verify the MNIST files (header, length, SHA-256) and show where they were found."""
+    from benchmark.data import MNIST_FILES, load_mnist
+
+    mnist = load_mnist(data_dir, workspace_path(workspace))
+    counts = {"train-images-idx3-ubyte": len(mnist.train_images), "train-labels-idx1-ubyte": len(mnist.train_labels),
+              "t10k-images-idx3-ubyte": len(mnist.test_images), "t10k-labels-idx1-ubyte": len(mnist.test_labels)}
+    table = Table(title=f"MNIST verified in {mnist.source}")
+    for col in ("file", "items", "SHA-256 (decoded)", "check"):
+        table.add_column(col)
+    for spec in MNIST_FILES.values():
+        table.add_row(spec.stem, f"{counts[spec.stem]:,}", mnist.digests[spec.stem], "ok")
+    console.print(table)
+    fit, val = mnist.validation_split()
+    console.print(f"split: {len(fit):,} fit / {len(val):,} validation (fixed seed) / {len(mnist.test_labels):,} test")
+
+
+@app.command()
+def models():
+    """List the registered models with a one-line description and parameter count."""
+    from models import REGISTRY, create_model, parameter_count
+
+    table = Table(title="models")
+    for col in ("name", "parameters", "description"):
+        table.add_column(col)
+    for name, entry in sorted(REGISTRY.items()):
+        table.add_row(name, f"{parameter_count(create_model(name)):,}", entry.description)
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def train(model: str = typer.Option(..., "--model", help="Registered model name (see `bench models`)."),
+          epochs: Optional[int] = typer.Option(None, help="Epochs [default: the model's]."),
+          seed: int = typer.Option(0, help="Seed for initialisation, shuffling and augmentation."),
+          lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: the model's]."),
+          batch_size: Optional[int] = typer.Option(None, help="Batch size [default: the model's]."),
+          labels: Optional[int] = typer.Option(None, help="Use only N labelled fit images (class-balanced, seeded)."),
+          train_subset: Optional[int] = typer.Option(None, help="Use only the first N fit images (smoke tests)."),
+          device: str = typer.Option("auto", help="auto, cpu or cuda."),
+          name: Optional[str] = typer.Option(None, help="Run name [default: <model>-s<seed>, plus -l<labels>]."),
+          data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """Train a model on the 55,000 fit images, select nothing on the test set, save the run."""
+    import time
+    from dataclasses import asdict
+
+    from benchmark.data import load_mnist
+    from benchmark.runs import machine_description, save_run, versions
+    from benchmark.train import pick_device, resolve_config, train_model
+
+    try:
+        cfg = resolve_config(model, epochs=epochs, lr=lr, batch_size=batch_size, labels=labels,
+                             train_subset=train_subset)
+    except KeyError as exc:
+        raise BenchError(str(exc.args[0])) from None
+    ws = workspace_path(workspace)
+    torch_device = pick_device(device)
+    mnist = load_mnist(data_dir, ws)
+    run_name = name or f"{model}-s{seed}" + (f"-l{labels}" if labels else "")
+    console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
+    result = train_model(model, cfg, mnist, seed, torch_device)
+    val_labels = mnist.train_labels[result.val_indices]
+    meta = {
+        "name": run_name, "model": model, "seed": seed, "config": asdict(cfg), "parameters": result.parameters,
+        "device": str(torch_device), "machine": machine_description(torch_device),
+        "date": time.strftime("%Y-%m-%d"), "train_seconds": round(result.seconds, 1),
+        "val_errors": int((result.val_probs.argmax(1) != val_labels).sum()), "val_size": len(val_labels),
+        "test_errors": int((result.test_probs.argmax(1) != mnist.test_labels).sum()),
+        "test_size": len(mnist.test_labels), "history": result.history,
+        "data": {"source": str(mnist.source), "sha256": mnist.digests}, "versions": versions(),
+    }
+    path = save_run(ws, run_name, meta, result.test_probs, result.val_probs, result.model.state_dict())
+    console.print(f"{run_name}: validation errors {meta['val_errors']}/{meta['val_size']}, "
+                  f"test errors {meta['test_errors']}/{meta['test_size']} "
+                  f"({100 * meta['test_errors'] / meta['test_size']:.2f}%), {meta['train_seconds']:.0f} s -> {path}")
+
+
+@app.command()
+@user_errors
+def errors(run: List[str] = typer.Option(..., "--run", help="Run name(s) in the workspace; repeat for several."),
+           mode: str = typer.Option("union", help="union: wrong for any run; intersection: wrong for all."),
+           name: Optional[str] = typer.Option(None, help="Hard-set name [default: the run names joined by '+']."),
+           data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """Gather the test images the run(s) get wrong into a hard set."""
+    from benchmark.data import load_mnist
+    from benchmark.hardset import write_hardset
+    from benchmark.runs import load_run
+
+    ws = workspace_path(workspace)
+    runs = [load_run(ws, r) for r in run]
+    mnist = load_mnist(data_dir, ws)
+    hardset_name = name or ("+".join(run) + ("" if mode == "union" or len(run) == 1 else f"-{mode}"))
+    folder, table = write_hardset(ws, hardset_name, runs, mode, mnist.test_images, mnist.test_labels)
+    summary = Table(title=f"hard set {hardset_name}: {len(table)} images ({mode} of {len(runs)} run(s))")
+    for col in ("run", "test errors", "in hard set wrong"):
+        summary.add_column(col)
+    for r in runs:
+        wrong_here = int((table[f"{r.name}_pred"] != table["label"]).sum())
+        summary.add_row(r.name, str(int((r.test_predictions != mnist.test_labels).sum())), str(wrong_here))
+    console.print(summary)
+    by_label = table["label"].value_counts().sort_index()
+    console.print("true labels: " + "  ".join(f"{d}:{n}" for d, n in by_label.items()))
+    console.print(f"written to {folder}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The workspace and the run folders in it.
+
+Workspace: `--workspace`, else `BENCH_WORKSPACE`, else `./workspace`. A trained run lives in
+`<workspace>/runs/<name>/` (name `<model>-s<seed>` unless given) and holds:
+  model.pt        the state dict (load with `load_model`, which uses `weights_only=True`)
+  meta.json       model, hyperparameters, seed, data digests, versions, machine, wall time, error counts
+  val_probs.npy   (5000, 10) float32 probabilities on the validation split (for selection decisions)
+  test_probs.npy  (10000, 10) float32 probabilities on the test set (only ever evaluated)
+Files are written to a temporary folder and renamed into place, so an interrupted run never leaves a
+half-written run folder, and an existing run is replaced only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmark.errors import BenchError
+
+
+def resolve_workspace(workspace: Path | None = None) -> Path:
+    return Path(workspace or os.environ.get("BENCH_WORKSPACE") or "workspace")
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    """A short label such as '2-core CPU (AMD EPYC)' or 'NVIDIA H100', for results tables."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({cpu})"
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__}
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    meta: dict
+    test_probs: np.ndarray  # (10000, 10)
+    val_probs: np.ndarray | None  # (5000, 10), absent for runs that were not trained on the split
+
+    @property
+    def test_predictions(self) -> np.ndarray:
+        return self.test_probs.argmax(1)
+
+
+def save_run(workspace: Path, name: str, meta: dict, test_probs: np.ndarray,
+             val_probs: np.ndarray | None = None, state_dict: dict | None = None) -> Path:
+    """Write a run folder atomically; returns its path."""
+    runs = workspace / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    final, staging = runs / name, runs / f".{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    if state_dict is not None:
+        torch.save(state_dict, staging / "model.pt")
+    np.save(staging / "test_probs.npy", test_probs.astype(np.float32))
+    if val_probs is not None:
+        np.save(staging / "val_probs.npy", val_probs.astype(np.float32))
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    if final.exists():
+        old = runs / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old)
+    else:
+        staging.rename(final)
+    return final
+
+
+def run_names(workspace: Path) -> list[str]:
+    runs = workspace / "runs"
+    if not runs.is_dir():
+        return []
+    return sorted(p.name for p in runs.iterdir() if (p / "meta.json").is_file() and not p.name.startswith("."))
+
+
+def load_run(workspace: Path, name: str) -> Run:
+    """Load a run's meta and probabilities. BenchError if it is missing or malformed."""
+    path = workspace / "runs" / name
+    if not (path / "meta.json").is_file() or not (path / "test_probs.npy").is_file():
+        known = ", ".join(run_names(workspace)) or "none yet"
+        raise BenchError(f"run {name!r} not found in {workspace / 'runs'} (runs there: {known}); "
+                         f"train one with `bench train --model NAME`")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        test_probs = np.load(path / "test_probs.npy")
+        val_probs = np.load(path / "val_probs.npy") if (path / "val_probs.npy").is_file() else None
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"run {name!r} in {path} is damaged ({exc}); train it again") from None
+    if test_probs.ndim != 2 or test_probs.shape[1] != 10:
+        raise BenchError(f"{path / 'test_probs.npy'}: expected shape (N, 10), got {test_probs.shape}")
+    return Run(name, path, meta, test_probs, val_probs)
+
+
+def load_model(run: Run) -> torch.nn.Module:
+    """Rebuild a run's model from the registry and load its weights (weights_only=True)."""
+    from models import create_model
+
+    if not (run.path / "model.pt").is_file():
+        raise BenchError(f"run {run.name!r} has no model.pt (it may be an ensemble of other runs)")
+    model = create_model(run.meta["model"], **run.meta["config"].get("model_kwargs", {}))
+    model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval()

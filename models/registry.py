@@ -1,0 +1,55 @@
+"""A registry of model variants, in the spirit of timm's `register_model`.
+
+Each family file decorates a builder with `@register_model(name, description, **train_defaults)`.
+`train_defaults` override fields of `benchmark.train.TrainConfig` for that model (epochs, lr, ...), so the
+configuration a name trains with by default lives next to the architecture it belongs to.
+
+Every model maps a float batch (B, 1, 28, 28) with grey levels scaled to [0, 1] to logits (B, 10). A model
+may also define `training_loss(x, y, label_smoothing) -> scalar` when it trains on more than its final
+logits (the glimpse net trains every step's prediction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    train_defaults: dict = field(default_factory=dict)
+
+
+REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, description: str, **train_defaults):
+    """Decorator: register `builder(**model_kwargs) -> nn.Module` under `name`."""
+
+    def decorate(builder):
+        if name in REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        REGISTRY[name] = ModelEntry(name, builder, description, train_defaults)
+        return builder
+
+    return decorate
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The registry entry for `name`; KeyError lists the known names."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def create_model(name: str, **model_kwargs) -> nn.Module:
+    return get_entry(name).builder(**model_kwargs)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
