@@ -58,11 +58,13 @@ def data(data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = Work
     counts = {"train-images-idx3-ubyte": len(mnist.train_images), "train-labels-idx1-ubyte": len(mnist.train_labels),
               "t10k-images-idx3-ubyte": len(mnist.test_images), "t10k-labels-idx1-ubyte": len(mnist.test_labels)}
     table = Table(title=f"MNIST verified in {mnist.source}")
-    for col in ("file", "items", "SHA-256 (decoded)", "check"):
+    for col in ("file", "items", "header", "SHA-256"):
         table.add_column(col)
     for spec in MNIST_FILES.values():
-        table.add_row(spec.stem, f"{counts[spec.stem]:,}", mnist.digests[spec.stem], "ok")
+        table.add_row(spec.stem, f"{counts[spec.stem]:,}", "ok", "matches canonical")
     console.print(table)
+    for spec in MNIST_FILES.values():  # sha256sum's format, so users can compare with their own tools
+        console.print(f"{mnist.digests[spec.stem]}  {spec.stem}", highlight=False, soft_wrap=True)
     fit, val = mnist.validation_split()
     console.print(f"split: {len(fit):,} fit / {len(val):,} validation (fixed seed) / {len(mnist.test_labels):,} test")
 
@@ -153,6 +155,18 @@ def errors(run: List[str] = typer.Option(..., "--run", help="Run name(s) in the 
     by_label = table["label"].value_counts().sort_index()
     console.print("true labels: " + "  ".join(f"{d}:{n}" for d, n in by_label.items()))
     console.print(f"written to {folder}")
+
+
+@app.command()
+@user_errors
+def report(out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: <workspace>/report]."),
+           data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """Write the comparison report (self-contained HTML, Markdown, CSVs) from whatever the workspace holds."""
+    from reports.build import build_report
+
+    html_path = build_report(workspace_path(workspace), out, data_dir)
+    console.print(f"report.md, CSV tables and figures written to {html_path.parent}", markup=False, soft_wrap=True)
+    typer.echo(html_path)
 
 
 def main():

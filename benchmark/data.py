@@ -94,12 +94,13 @@ def read_idx(path: Path, spec: IdxSpec) -> tuple[np.ndarray, str]:
         raise BenchError(f"{path}: cannot be read or decompressed ({exc}); replace the file") from None
     is_images = spec.magic == IMAGE_MAGIC
     header_len = 16 if is_images else 8
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic is not None and magic != spec.magic:
+        raise BenchError(f"{path}: wrong magic number {magic} (expected {spec.magic}); "
+                         f"not an MNIST {'image' if is_images else 'label'} file")
     if len(raw) < header_len:
         raise BenchError(f"{path}: truncated, only {len(raw)} bytes (no complete IDX header); replace the file")
     header = np.frombuffer(raw[:header_len], dtype=">u4")
-    if int(header[0]) != spec.magic:
-        raise BenchError(f"{path}: wrong magic number {int(header[0])} (expected {spec.magic}); "
-                         f"not an MNIST {'image' if is_images else 'label'} file")
     if int(header[1]) != spec.count:
         raise BenchError(f"{path}: header says {int(header[1])} items, expected {spec.count}; replace the file")
     if is_images and (int(header[2]), int(header[3])) != (SIDE, SIDE):

@@ -201,7 +201,10 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
             val_errors = int((predict_probs(model, x_val, device).argmax(1) != y_val).sum())
             history.append({"epoch": epoch, "loss": loss_sum / batches_per_epoch, "val_errors": val_errors,
                             "seconds": round(time.perf_counter() - start, 1)})
-            progress.update(task, status=f"loss {loss_sum / batches_per_epoch:.4f}  val errors {val_errors}/{len(val_idx)}")
+            summary = f"loss {loss_sum / batches_per_epoch:.4f}  val errors {val_errors}/{len(val_idx)}"
+            progress.update(task, status=summary)
+            if show_progress and not progress.console.is_terminal:  # logs get one line per epoch instead of bars
+                progress.console.print(f"{name} epoch {epoch}/{cfg.epochs}: {summary}  {history[-1]['seconds']:.0f} s")
     seconds = time.perf_counter() - start
     val_probs = predict_probs(model, x_val, device)
     test_probs = predict_probs(model, to_float(data.test_images), device)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny IDX writers, the real MNIST folder (from BENCH_DATA_DIR) and fabricated runs."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmark.data import MNIST_FILES, load_mnist
+from benchmark.runs import save_run
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode uint8 images (N, 28, 28) or labels (N,) in the IDX format."""
+    if array.ndim == 3:
+        header = struct.pack(">IIII", 2051, array.shape[0], array.shape[1], array.shape[2])
+    else:
+        header = struct.pack(">II", 2049, array.shape[0])
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    folder = os.environ.get("BENCH_DATA_DIR")
+    if not folder or not Path(folder).is_dir():
+        pytest.skip("BENCH_DATA_DIR is not set to the MNIST folder")
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir, tmp_path_factory):
+    return load_mnist(mnist_dir, tmp_path_factory.mktemp("ws"))
+
+
+def fabricated_probs(labels: np.ndarray, wrong: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Probabilities (N, 10) that put 0.9 on the true label, except at indices `wrong` (then on label+1)."""
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(10), size=len(labels)).astype(np.float32) * 0.1
+    predicted = labels.copy()
+    predicted[wrong] = (labels[wrong] + 1) % 10
+    probs[np.arange(len(labels)), predicted] += 0.9
+    return probs / probs.sum(1, keepdims=True)
+
+
+@pytest.fixture
+def fabricate_run():
+    """Make a run folder with chosen wrong test indices: fabricate_run(ws, name, labels, wrong)."""
+
+    def make(workspace: Path, name: str, labels: np.ndarray, wrong, seed: int = 0):
+        probs = fabricated_probs(labels, np.asarray(wrong, dtype=int), seed)
+        meta = {"name": name, "model": "mlp", "seed": seed, "config": {}, "test_errors": len(wrong)}
+        return save_run(workspace, name, meta, probs)
+
+    return make
+
+
+__all__ = ["MNIST_FILES", "idx_bytes", "write_idx", "fabricated_probs"]

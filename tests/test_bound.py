@@ -1,0 +1,171 @@
+"""The two-pixel bound: every count of the fast search against a plain dictionary count, the known figure on
+real MNIST, and the `bench bound` command."""
+
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from benchmark.bound import best_pair, naive_pair_count, scan_pairs, scan_pairs_torch
+from benchmark.cli import app
+
+
+def majority(counter: Counter) -> int:
+    """Most common label, ties to the lowest."""
+    top = max(counter.values())
+    return min(label for label, n in counter.items() if n == top)
+
+
+def brute_force(fit_x, fit_y, score_x, score_y):
+    """Dictionary counts straight from the definitions: (pairs, adaptive, heldout) with heldout's fallback:
+    unseen cell -> majority of fitted images with the lower pixel at its grey level, else overall majority."""
+    n_pixels = fit_x.shape[1]
+    pairs = np.zeros((n_pixels, n_pixels), np.int64)
+    heldout = np.zeros((n_pixels, n_pixels), np.int64)
+    adaptive = np.zeros(n_pixels, np.int64)
+    overall = majority(Counter(fit_y.tolist()))
+    by_grey = defaultdict(Counter)  # (pixel, grey) -> label counts
+    for x, y in zip(fit_x, fit_y):
+        for p in range(n_pixels):
+            by_grey[p, x[p]][y] += 1
+    for a in range(n_pixels):
+        per_grey_best = defaultdict(int)  # grey of a -> best single-pixel count for the second pixel
+        for b in range(n_pixels):
+            cells = defaultdict(Counter)
+            for x, y in zip(fit_x, fit_y):
+                cells[x[a], x[b]][y] += 1
+            pairs[a, b] = sum(max(c.values()) for c in cells.values())
+            per_grey = defaultdict(int)
+            for (ga, _), c in cells.items():
+                per_grey[ga] += max(c.values())
+            for ga, n in per_grey.items():
+                per_grey_best[ga] = max(per_grey_best[ga], n)
+            low, g_low = (a, 0) if a <= b else (b, 1)
+            for x, y in zip(score_x, score_y):
+                cell = (x[a], x[b])
+                if cell in cells:
+                    answer = majority(cells[cell])
+                elif (low, cell[g_low]) in by_grey:
+                    answer = majority(by_grey[low, cell[g_low]])
+                else:
+                    answer = overall
+                heldout[a, b] += answer == y
+        adaptive[a] = sum(per_grey_best.values())
+    return pairs, adaptive, heldout
+
+
+def dataset(draw, n_pixels, n_labels, min_size):
+    """Images (n, n_pixels) uint8 drawn mostly zero, from a few grey levels (so cells and ties repeat)."""
+    n = draw(st.integers(min_size, 40))
+    greys = draw(st.lists(st.integers(1, 255), min_size=1, max_size=4))
+    zero_share = draw(st.floats(0.0, 0.95))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    values = rng.choice(np.array(greys, np.uint8), size=(n, n_pixels))
+    images = np.where(rng.random((n, n_pixels)) < zero_share, 0, values).astype(np.uint8)
+    return images, rng.integers(0, n_labels, size=n)
+
+
+@st.composite
+def problems(draw):
+    n_pixels = draw(st.integers(2, 7))
+    n_labels = draw(st.integers(1, 4))
+    fit = dataset(draw, n_pixels, n_labels, 1)
+    score = dataset(draw, n_pixels, n_labels, 0)
+    return fit, score
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_every_count_matches_brute_force(problem):
+    (fit_x, fit_y), (score_x, score_y) = problem
+    pairs, adaptive, heldout = brute_force(fit_x, fit_y, score_x, score_y)
+    counts = scan_pairs(fit_x, fit_y, score_x, score_y)
+    np.testing.assert_array_equal(counts.pairs, pairs)
+    np.testing.assert_array_equal(counts.adaptive, adaptive)
+    np.testing.assert_array_equal(counts.heldout, heldout)
+    # scoring the fitted images themselves gives back the in-sample counts (no fallback is ever needed)
+    np.testing.assert_array_equal(scan_pairs(fit_x, fit_y, fit_x, fit_y).heldout, pairs)
+    by_pixel = np.ascontiguousarray(fit_x.T)
+    a, b = 0, fit_x.shape[1] - 1
+    assert naive_pair_count(by_pixel, fit_y, a, b, int(fit_y.max()) + 1) == pairs[a, b]
+
+
+@settings(max_examples=20, deadline=None)
+@given(problems())
+def test_torch_path_gives_identical_counts(problem):
+    (fit_x, fit_y), _ = problem
+    fast, torch_counts = scan_pairs(fit_x, fit_y), scan_pairs_torch(fit_x, fit_y, device="cpu", block=3)
+    np.testing.assert_array_equal(torch_counts.pairs, fast.pairs)
+    np.testing.assert_array_equal(torch_counts.adaptive, fast.adaptive)
+
+
+def test_best_pair_breaks_ties_towards_lowest_pair():
+    m = np.array([[9, 5, 7, 7], [5, 9, 1, 7], [7, 1, 9, 2], [7, 7, 2, 9]])
+    assert best_pair(m) == (0, 2, 7)
+
+
+DATA_DIR = os.environ.get("BENCH_DATA_DIR")
+needs_mnist = pytest.mark.skipif(not DATA_DIR, reason="set BENCH_DATA_DIR to the MNIST folder")
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    from benchmark.data import load_mnist
+
+    return load_mnist(Path(DATA_DIR), Path("unused-workspace"))
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_known_figure_on_all_70000_images(mnist):
+    images = np.concatenate([mnist.train_images, mnist.test_images])
+    labels = np.concatenate([mnist.train_labels, mnist.test_labels])
+    counts = scan_pairs(images, labels)
+    assert best_pair(counts.pairs) == (406, 409, 34711)
+    np.testing.assert_array_equal(counts.pairs, counts.pairs.T)
+    # spot-check entries the search never singled out against the naive bincount
+    by_pixel = np.ascontiguousarray(images.reshape(len(images), -1).T)
+    for a, b in [(406, 409), (0, 783), (100, 500), (350, 351), (406, 406)]:
+        assert counts.pairs[a, b] == naive_pair_count(by_pixel, labels, a, b, 10)
+    assert (counts.adaptive >= counts.pairs.max(1)).all()  # fixing the second pixel is one adaptive choice
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_cli_writes_summary_matching_the_search(mnist, tmp_path):
+    result = CliRunner().invoke(app, ["bound", "--subset", "test", "--out", str(tmp_path / "b"), "--device", "cpu",
+                                      "--data-dir", DATA_DIR, "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    counts = scan_pairs(mnist.test_images, mnist.test_labels)
+    a, b, n = best_pair(counts.pairs)
+    assert summary["total"] == 10000
+    assert summary["best_pair"]["pixels"] == [a, b] and summary["best_pair"]["correct"] == n
+    single = int(np.argmax(np.diagonal(counts.pairs)))
+    assert summary["best_single"]["pixel"] == single
+    assert summary["best_single"]["correct"] == counts.pairs[single, single]
+    assert summary["adaptive"]["correct"] == counts.adaptive.max()
+    held = scan_pairs(mnist.train_images, mnist.train_labels, mnist.test_images, mnist.test_labels)
+    ta, tb, _ = best_pair(held.pairs)
+    assert summary["heldout"]["train_best_pair"]["pixels"] == [ta, tb]
+    assert summary["heldout"]["train_best_pair"]["test_correct"] == held.heldout[ta, tb]
+    assert summary["heldout"]["oracle_best_pair"]["test_correct"] == best_pair(held.heldout)[2]
+    np.testing.assert_array_equal(np.load(tmp_path / "b" / "pairs.npy"), counts.pairs)
+    top = (tmp_path / "b" / "top100_pairs.csv").read_text().splitlines()
+    assert len(top) == 101 and top[1].startswith(f"1,{a},{b},")
+    assert (tmp_path / "b" / "heatmap.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [(["--subset", "foo"], "--subset foo"),
+                                           (["--device", "tpu"], "--device tpu")])
+def test_bad_options_give_one_line_error(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["bound", *args, "--workspace", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]

@@ -1,0 +1,79 @@
+"""The `bench` command line: help, bad input, and real subprocesses end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from benchmark.cli import app
+from conftest import write_idx
+
+BENCH = str(Path(sys.executable).with_name("bench"))
+
+
+def test_help_lists_every_command():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("data", "models", "train", "errors"):
+        assert command in result.output
+
+
+def test_models_lists_baselines_with_parameter_counts():
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    assert "mlp" in result.output and "79,510" in result.output  # 784*100+100 + 100*10+10
+    assert "cnn" in result.output
+
+
+def test_data_on_an_altered_file_fails_cleanly(tmp_path, mnist_dir):
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (tmp_path / name).symlink_to(Path(mnist_dir) / name)
+    labels = np.zeros(10000, dtype=np.uint8)  # right header and size, wrong content
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    result = CliRunner().invoke(app, ["data", "--data-dir", str(tmp_path), "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 2
+    assert "t10k-labels-idx1-ubyte.gz: altered" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--model", "resnet9000", "--workspace", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown model 'resnet9000'" in result.output and "cnn" in result.output
+
+
+def test_subprocess_train_then_errors(tmp_path, mnist_dir):
+    """The installed console script, as a user runs it: data, a tiny training run, the hard set."""
+    env = {**os.environ, "BENCH_DATA_DIR": str(mnist_dir), "BENCH_WORKSPACE": str(tmp_path)}
+
+    def bench(*args):
+        return subprocess.run([BENCH, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    data = bench("data")
+    assert data.returncode == 0, data.stderr
+    assert "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7  t10k-images-idx3-ubyte" in data.stdout
+    trained = bench("train", "--model", "mlp", "--epochs", "1", "--train-subset", "1000", "--seed", "1")
+    assert trained.returncode == 0, trained.stderr
+    meta = json.loads((tmp_path / "runs" / "mlp-s1" / "meta.json").read_text())
+    probs = np.load(tmp_path / "runs" / "mlp-s1" / "test_probs.npy")
+    assert probs.shape == (10000, 10)
+    assert meta["test_errors"] == int((probs.argmax(1) != np.asarray(_test_labels(mnist_dir))).sum())
+    assert meta["data"]["sha256"]["t10k-images-idx3-ubyte"].startswith("0fa7898d")
+    errors = bench("errors", "--run", "mlp-s1")
+    assert errors.returncode == 0, errors.stderr
+    items = (tmp_path / "hardsets" / "mlp-s1" / "items.csv").read_text().splitlines()
+    assert len(items) - 1 == meta["test_errors"]
+    bad = bench("train", "--model", "mlp", "--device", "tpu")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "expected auto, cpu or cuda" in bad.stderr
+
+
+def _test_labels(mnist_dir):
+    from benchmark.data import MNIST_FILES, read_idx
+
+    return read_idx(Path(mnist_dir) / "t10k-labels-idx1-ubyte.gz", MNIST_FILES["test_labels"])[0]

@@ -1,0 +1,59 @@
+"""`bench errors`: the hard set from fabricated predictions, through the function and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from benchmark.cli import app
+from benchmark.errors import BenchError
+from benchmark.hardset import hardset_table, load_hardset, top3_text
+from benchmark.runs import load_run
+
+
+def test_top3_text_orders_by_probability():
+    probs = np.array([[0.05, 0.6, 0.0, 0.3, 0.05, 0, 0, 0, 0, 0]])
+    assert top3_text(probs) == ["1:0.600 3:0.300 0:0.050"]
+
+
+def test_union_and_intersection(tmp_path, fabricate_run):
+    labels = np.arange(20) % 10
+    fabricate_run(tmp_path, "a", labels, [1, 4, 7])
+    fabricate_run(tmp_path, "b", labels, [4, 7, 9, 12])
+    runs = [load_run(tmp_path, "a"), load_run(tmp_path, "b")]
+    union = hardset_table(runs, labels, "union")
+    inter = hardset_table(runs, labels, "intersection")
+    assert union["test_index"].tolist() == [1, 4, 7, 9, 12]
+    assert inter["test_index"].tolist() == [4, 7]
+    assert (union["label"] == labels[union["test_index"]]).all()
+    row = union.set_index("test_index").loc[9]
+    assert row["a_pred"] == labels[9] and row["b_pred"] == (labels[9] + 1) % 10
+    assert row["b_top3"].startswith(f"{(labels[9] + 1) % 10}:")
+    with pytest.raises(BenchError, match="expected union or intersection"):
+        hardset_table(runs, labels, "xor")
+
+
+def test_cli_errors_writes_the_hard_set(tmp_path, fabricate_run, mnist, mnist_dir):
+    wrong = [3, 18, 247, 9999]
+    fabricate_run(tmp_path, "fake-s0", mnist.test_labels, wrong)
+    result = CliRunner().invoke(app, ["errors", "--run", "fake-s0", "--workspace", str(tmp_path),
+                                      "--data-dir", str(mnist_dir)])
+    assert result.exit_code == 0, result.output
+    assert "4 images" in result.output
+    table, images, info = load_hardset(tmp_path, "fake-s0")
+    assert table["test_index"].tolist() == wrong
+    np.testing.assert_array_equal(images, mnist.test_images[wrong])
+    assert info["count"] == 4 and info["errors_per_run"] == {"fake-s0": 4}
+    assert pd.read_csv(tmp_path / "hardsets" / "fake-s0" / "items.csv").columns.tolist() == \
+        ["test_index", "label", "fake-s0_pred", "fake-s0_top3"]
+
+
+def test_cli_errors_unknown_run_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["errors", "--run", "ghost", "--workspace", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "run 'ghost' not found" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,112 @@
+"""The training loop: configuration merging, subsets, augmentation, determinism, run folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.errors import BenchError
+from benchmark.runs import load_model, load_run, save_run
+from benchmark.train import (TrainConfig, balanced_subset, make_optimizer, pick_device, random_affine,
+                             resolve_config, to_float, train_model, training_loss)
+from models import create_model, parameter_count
+
+
+def test_config_layers_defaults_model_and_overrides():
+    cfg = resolve_config("cnn", epochs=3, lr=None)
+    assert cfg.epochs == 3  # explicit override wins
+    assert cfg.augment is True  # the cnn's registered default
+    assert resolve_config("mlp").schedule == "constant"
+    with pytest.raises(KeyError, match="unknown model 'nope'"):
+        resolve_config("nope")
+
+
+def test_pick_device():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(BenchError, match="expected auto, cpu or cuda"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BenchError, match="no CUDA device"):
+            pick_device("cuda")
+
+
+def test_balanced_subset_has_equal_classes_and_is_seeded():
+    labels = np.repeat(np.arange(10), 50)
+    picked = balanced_subset(labels, 100, seed=1)
+    assert np.bincount(labels[picked], minlength=10).tolist() == [10] * 10
+    assert len(np.unique(picked)) == 100
+    np.testing.assert_array_equal(picked, balanced_subset(labels, 100, seed=1))
+    assert not np.array_equal(picked, balanced_subset(labels, 100, seed=2))
+    assert np.bincount(labels[balanced_subset(labels, 23, 0)], minlength=10).tolist() == [3, 3, 3] + [2] * 7
+
+
+def test_random_affine_identity_and_shift():
+    x = torch.zeros(4, 1, 28, 28)
+    x[:, 0, 10:18, 12:16] = 1.0
+    still = TrainConfig(max_rotation=0, max_scale=0, max_shear=0, max_shift=0)
+    torch.testing.assert_close(random_affine(x, still, torch.Generator().manual_seed(0)), x, atol=1e-5, rtol=0)
+    moved = random_affine(x, TrainConfig(), torch.Generator().manual_seed(0))
+    assert moved.shape == x.shape
+    assert not torch.allclose(moved, x)
+    # ink is moved, not created: total intensity changes only by resampling/scaling, not by a lot
+    assert torch.allclose(moved.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.35)
+
+
+@pytest.fixture(scope="module")
+def smoke(mnist):
+    cfg = resolve_config("mlp", epochs=2, train_subset=2000)
+    return [train_model("mlp", cfg, mnist, seed=3, device=torch.device("cpu"), show_progress=False)
+            for _ in range(2)]
+
+
+def test_training_learns_and_is_deterministic(smoke, mnist):
+    first, second = smoke
+    assert len(first.history) == 2 and first.history[1]["loss"] < first.history[0]["loss"]
+    np.testing.assert_array_equal(first.test_probs, second.test_probs)
+    assert first.test_probs.shape == (10000, 10) and first.val_probs.shape == (5000, 10)
+    np.testing.assert_allclose(first.test_probs.sum(1), 1.0, atol=1e-5)
+    test_error = (first.test_probs.argmax(1) != mnist.test_labels).mean()
+    assert test_error < 0.25  # 2,000 images, 2 epochs: far better than chance (0.9)
+
+
+def test_cnn_a_few_steps_reduce_the_loss(mnist):
+    torch.manual_seed(0)
+    cfg = resolve_config("cnn", lr=0.02, schedule="constant")
+    model = create_model("cnn")
+    assert parameter_count(model) > 100_000
+    opt, sched = make_optimizer(model, cfg, steps=20)
+    x, y = to_float(mnist.train_images[:128]), torch.from_numpy(mnist.train_labels[:128])
+    losses = []
+    for _ in range(20):
+        loss = training_loss(model, x, y, cfg.label_smoothing)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_run_folder_round_trip(smoke, tmp_path):
+    result = smoke[0]
+    meta = {"name": "mlp-s3", "model": "mlp", "config": {"model_kwargs": {}}}
+    save_run(tmp_path, "mlp-s3", meta, result.test_probs, result.val_probs, result.model.state_dict())
+    run = load_run(tmp_path, "mlp-s3")
+    assert json.loads((run.path / "meta.json").read_text())["model"] == "mlp"
+    np.testing.assert_array_equal(run.test_probs, result.test_probs.astype(np.float32))
+    model = load_model(run)
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(model(x), result.model.eval()(x))
+    # overwriting keeps exactly one complete folder and no staging leftovers
+    save_run(tmp_path, "mlp-s3", meta, result.test_probs)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mlp-s3"]
+
+
+def test_missing_run_lists_what_exists(tmp_path, smoke):
+    save_run(tmp_path, "a-run", {"model": "mlp"}, smoke[0].test_probs)
+    with pytest.raises(BenchError, match=r"run 'b-run' not found .*a-run"):
+        load_run(tmp_path, "b-run")
