@@ -1,51 +1,23 @@
 """`bench`: the one command-line entry point. Each sub-command is a thin shell over a module that does
 the work; heavy imports (torch) happen inside the commands so `bench --help` stays fast.
 
-User errors (`BenchError`) end as one line on stderr and exit code 2, never a traceback.
+User errors (`BenchError`) end as one line on stderr and exit code 2, never a traceback (`cli_common`).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from benchmark.cli_common import DataDirOpt, WorkspaceOpt, console, user_errors, workspace_path
 from benchmark.errors import BenchError
+from human_eval.cli import human_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digit-bench: human-vs-model benchmark and error analysis on MNIST.")
-console = Console()
-err_console = Console(stderr=True)
-
-WorkspaceOpt = typer.Option(None, "--workspace", envvar="BENCH_WORKSPACE",
-                            help="Workspace folder for all artefacts [default: ./workspace].")
-DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the four MNIST IDX files (.gz or raw); "
-                                                   "else BENCH_DATA_DIR, the workspace cache, or a download.")
-
-
-def user_errors(command):
-    """Turn BenchError into `error: ...` on stderr and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except BenchError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-
-    return wrapper
-
-
-def workspace_path(workspace: Optional[Path]) -> Path:
-    from benchmark.runs import resolve_workspace
-
-    return resolve_workspace(workspace)
 
 
 @app.command()
@@ -85,14 +57,14 @@ def models():
 @app.command()
 @user_errors
 def train(model: str = typer.Option(..., "--model", help="Registered model name (see `bench models`)."),
-          epochs: Optional[int] = typer.Option(None, help="Epochs [default: the model's]."),
+          epochs: Optional[int] = typer.Option(None, help="Epochs (default: the model's)."),
           seed: int = typer.Option(0, help="Seed for initialisation, shuffling and augmentation."),
-          lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: the model's]."),
-          batch_size: Optional[int] = typer.Option(None, help="Batch size [default: the model's]."),
+          lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the model's)."),
+          batch_size: Optional[int] = typer.Option(None, help="Batch size (default: the model's)."),
           labels: Optional[int] = typer.Option(None, help="Use only N labelled fit images (class-balanced, seeded)."),
           train_subset: Optional[int] = typer.Option(None, help="Use only the first N fit images (smoke tests)."),
           device: str = typer.Option("auto", help="auto, cpu or cuda."),
-          name: Optional[str] = typer.Option(None, help="Run name [default: <model>-s<seed>, plus -l<labels>]."),
+          name: Optional[str] = typer.Option(None, help="Run name (default: <model>-s<seed>, plus -l<labels>)."),
           data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
     """Train a model on the 55,000 fit images, select nothing on the test set, save the run."""
     import time
@@ -124,6 +96,8 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         "data": {"source": str(mnist.source), "sha256": mnist.digests}, "versions": versions(),
     }
     path = save_run(ws, run_name, meta, result.test_probs, result.val_probs, result.model.state_dict())
+    if hasattr(result.model, "write_figures"):  # model-specific pictures: glimpse paths, masks, samples
+        result.model.write_figures(path)
     console.print(f"{run_name}: validation errors {meta['val_errors']}/{meta['val_size']}, "
                   f"test errors {meta['test_errors']}/{meta['test_size']} "
                   f"({100 * meta['test_errors'] / meta['test_size']:.2f}%), {meta['train_seconds']:.0f} s -> {path}")
@@ -133,7 +107,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
 @user_errors
 def errors(run: List[str] = typer.Option(..., "--run", help="Run name(s) in the workspace; repeat for several."),
            mode: str = typer.Option("union", help="union: wrong for any run; intersection: wrong for all."),
-           name: Optional[str] = typer.Option(None, help="Hard-set name [default: the run names joined by '+']."),
+           name: Optional[str] = typer.Option(None, help="Hard-set name (default: the run names joined by +)."),
            data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
     """Gather the test images the run(s) get wrong into a hard set."""
     from benchmark.data import load_mnist
@@ -159,7 +133,7 @@ def errors(run: List[str] = typer.Option(..., "--run", help="Run name(s) in the 
 
 @app.command()
 @user_errors
-def report(out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: <workspace>/report]."),
+def report(out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <workspace>/report)."),
            data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
     """Write the comparison report (self-contained HTML, Markdown, CSVs) from whatever the workspace holds."""
     from reports.build import build_report
@@ -167,6 +141,61 @@ def report(out: Optional[Path] = typer.Option(None, "--out", help="Output folder
     html_path = build_report(workspace_path(workspace), out, data_dir)
     console.print(f"report.md, CSV tables and figures written to {html_path.parent}", markup=False, soft_wrap=True)
     typer.echo(html_path)
+
+
+app.add_typer(human_app, name="human-label")
+
+
+@app.command()
+@user_errors
+def ensemble(members: Optional[str] = typer.Option(None, help="Model whose runs <model>-s0 .. -s<seeds-1> to average."),
+             seeds: int = typer.Option(5, help="How many seeds of --members (runs must exist)."),
+             run: Optional[List[str]] = typer.Option(None, "--run", help="Explicit member run names instead."),
+             name: Optional[str] = typer.Option(None, help="Ensemble run name (default: ensemble-<model>-x<seeds>)."),
+             data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """Average the probabilities of trained runs and save them as one more run."""
+    from benchmark.data import load_mnist
+    from benchmark.ensemble import build_ensemble
+    from benchmark.runs import load_run
+
+    if not run and not members:
+        raise BenchError("name the members: --members MODEL --seeds N, or --run RUN repeated")
+    names = list(run) if run else [f"{members}-s{s}" for s in range(seeds)]
+    ws = workspace_path(workspace)
+    runs = [load_run(ws, r) for r in names]
+    mnist = load_mnist(data_dir, ws)
+    _, val_idx = mnist.validation_split()
+    ensemble_name = name or (f"ensemble-{members}-x{seeds}" if not run else "ensemble-" + "+".join(names))
+    meta = build_ensemble(ws, ensemble_name, runs, mnist.test_labels, mnist.train_labels[val_idx])
+    spread = meta["member_spread"]
+    console.print(f"{ensemble_name}: test errors {meta['test_errors']}/{meta['test_size']}; members "
+                  f"{', '.join(f'{k} {v}' for k, v in meta['member_test_errors'].items())} "
+                  f"(mean {spread['mean']:.1f}, sd {spread['std']:.1f})")
+
+
+@app.command()
+@user_errors
+def assist(run: str = typer.Option(..., "--run", help="Classifier run whose doubtful test images get a second look."),
+           generator: str = typer.Option("generator-s0", help="Generator run (`bench train --model generator`)."),
+           steps: int = typer.Option(20, help="Gradient steps fitting each candidate's style code."),
+           device: str = typer.Option("auto", help="auto, cpu or cuda."),
+           data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """Re-rank a classifier's doubtful test images by how well the generator's rules explain each candidate."""
+    from benchmark.assist import run_assist
+    from benchmark.train import pick_device
+
+    result, folder = run_assist(workspace_path(workspace), run, generator, data_dir, pick_device(device), steps)
+    chosen = result["chosen"]
+    table = Table(title=f"assist of {run} by {generator} (tau {chosen['tau']:.4g}, delta {chosen['delta']:.4g}, "
+                        f"k {chosen['k']}, lambda {chosen['lambda']:.3g}; chosen on validation)")
+    for col in ("consulted", "errors before", "fixed", "introduced", "net gain", "errors after"):
+        table.add_column(col, justify="right")
+    table.add_row(*(str(result[key]) for key in ("consulted", "errors_before", "fixed", "introduced", "net_gain",
+                                                 "errors_after")))
+    console.print(table)
+    alone = result["generator_alone"]
+    console.print(f"generator alone: {alone['test_errors']}/{alone['test_size']} test errors; "
+                  f"{result['seconds']:.0f} s; written to {folder}", soft_wrap=True)
 
 
 def main():

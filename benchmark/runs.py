@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from benchmark.errors import BenchError
 
@@ -29,8 +28,10 @@ def resolve_workspace(workspace: Path | None = None) -> Path:
     return Path(workspace or os.environ.get("BENCH_WORKSPACE") or "workspace")
 
 
-def machine_description(device: torch.device | str = "cpu") -> str:
+def machine_description(device="cpu") -> str:
     """A short label such as '2-core CPU (AMD EPYC)' or 'NVIDIA H100', for results tables."""
+    import torch  # here, not at the top: commands that only read runs should not pay torch's import time
+
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     cpu = platform.processor() or platform.machine()
@@ -45,6 +46,7 @@ def machine_description(device: torch.device | str = "cpu") -> str:
 
 
 def versions() -> dict[str, str]:
+    import torch
     import torchvision
 
     return {"python": platform.python_version(), "torch": torch.__version__,
@@ -67,6 +69,8 @@ class Run:
 def save_run(workspace: Path, name: str, meta: dict, test_probs: np.ndarray,
              val_probs: np.ndarray | None = None, state_dict: dict | None = None) -> Path:
     """Write a run folder atomically; returns its path."""
+    import torch
+
     runs = workspace / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     final, staging = runs / name, runs / f".{name}.tmp"
@@ -114,8 +118,10 @@ def load_run(workspace: Path, name: str) -> Run:
     return Run(name, path, meta, test_probs, val_probs)
 
 
-def load_model(run: Run) -> torch.nn.Module:
+def load_model(run: Run):
     """Rebuild a run's model from the registry and load its weights (weights_only=True)."""
+    import torch
+
     from models import create_model
 
     if not (run.path / "model.pt").is_file():

@@ -39,7 +39,7 @@ class TrainConfig:
     max_shear: float = 0.1
     max_shift: float = 2.5  # pixels
     labels: int | None = None  # train on this many labelled images only (class-balanced, seeded)
-    train_subset: int | None = None  # first N fit images (tests and smoke runs)
+    train_subset: int | None = None  # first N fit (and unlabelled) images: tests and smoke runs
     model_kwargs: dict = field(default_factory=dict)
 
 
@@ -111,16 +111,26 @@ def predict_probs(model: nn.Module, images: torch.Tensor, device: torch.device, 
     return torch.cat(out).numpy()
 
 
-def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float,
+                  unlabelled: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's own `training_loss` if it has one (unlabelled batch passed only when given), else CE."""
     if hasattr(model, "training_loss"):
-        return model.training_loss(x, y, label_smoothing)
+        extra = {} if unlabelled is None else {"unlabelled": unlabelled}
+        return model.training_loss(x, y, label_smoothing, **extra)
     return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+
+
+def shuffled_batches(n: int, batch_size: int, gen: torch.Generator):
+    """Endless index batches: each pass over range(n) in a fresh random order (its last batch may be short)."""
+    while True:
+        yield from torch.randperm(n, generator=gen).split(batch_size)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, steps: int):
     """Optimizer and a per-step LR scheduler. Weight decay skips biases and norm parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a mean teacher's EMA copy is not
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
@@ -158,21 +168,39 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     gen = torch.Generator().manual_seed(seed)
 
     fit_idx, val_idx = data.validation_split()
+    unlabelled_idx = None
     if cfg.labels is not None:
-        fit_idx = fit_idx[balanced_subset(data.train_labels[fit_idx], cfg.labels, seed)]
-    if cfg.train_subset is not None:
+        labelled = balanced_subset(data.train_labels[fit_idx], cfg.labels, seed)
+        unlabelled_idx = np.delete(fit_idx, labelled)  # the rest of the fit images, labels unused
+        fit_idx = fit_idx[labelled]
+    if cfg.train_subset is not None:  # smoke runs: cap both the labelled and the unlabelled pool
         fit_idx = fit_idx[:cfg.train_subset]
+        unlabelled_idx = None if unlabelled_idx is None else unlabelled_idx[:cfg.train_subset]
     x_fit = to_float(data.train_images[fit_idx])
     y_fit = torch.from_numpy(data.train_labels[fit_idx])
     x_val, y_val = to_float(data.train_images[val_idx]), data.train_labels[val_idx]
 
     model = create_model(name, **cfg.model_kwargs).to(device)
+    semi_supervised = getattr(model, "uses_unlabelled", False)
+    if semi_supervised and unlabelled_idx is None:
+        raise BenchError(f"model {name} is semi-supervised: give --labels N (labelled images; the rest are unlabelled)")
+    x_unlabelled = to_float(data.train_images[unlabelled_idx]) if semi_supervised else None
     channels_last = device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     if channels_last:  # oneDNN convolutions run ~1.5x faster in NHWC on the CPU
         model = model.to(memory_format=torch.channels_last)
-    batches_per_epoch = math.ceil(len(fit_idx) / cfg.batch_size)
+    # An epoch is one pass over the labelled images, or over the unlabelled ones for a semi-supervised model.
+    batches_per_epoch = math.ceil(len(x_unlabelled if semi_supervised else x_fit) / cfg.batch_size)
     opt, sched = make_optimizer(model, cfg, cfg.epochs * batches_per_epoch)
 
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        if cfg.augment:
+            x = random_affine(x, cfg, gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(device)
+
+    labelled_batches = shuffled_batches(len(x_fit), cfg.batch_size, gen)
+    unlabelled_batches = shuffled_batches(len(x_unlabelled), cfg.batch_size, gen) if semi_supervised else None
     history, start = [], time.perf_counter()
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not show_progress)
@@ -180,26 +208,25 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
         for epoch in range(1, cfg.epochs + 1):
             task = progress.add_task(f"{name} epoch {epoch}/{cfg.epochs}", total=batches_per_epoch, status="")
             model.train()
-            order = torch.randperm(len(fit_idx), generator=gen)
             loss_sum = 0.0
             for step in range(batches_per_epoch):
-                batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                x, y = x_fit[batch], y_fit[batch]
-                if cfg.augment:
-                    x = random_affine(x, cfg, gen)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                loss = training_loss(model, x.to(device), y.to(device), cfg.label_smoothing)
+                batch = next(labelled_batches)
+                x, y = prepare(x_fit[batch]), y_fit[batch].to(device)
+                xu = prepare(x_unlabelled[next(unlabelled_batches)]) if semi_supervised else None
+                loss = training_loss(model, x, y, cfg.label_smoothing, xu)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
+                if hasattr(model, "after_step"):  # e.g. the mean teacher's moving average
+                    model.after_step()
                 loss_sum += loss.item()
                 progress.update(task, advance=1, status=f"loss {loss_sum / (step + 1):.4f}")
             if not math.isfinite(loss_sum):
                 raise BenchError(f"training diverged at epoch {epoch} (loss is not finite); lower --lr")
             val_errors = int((predict_probs(model, x_val, device).argmax(1) != y_val).sum())
-            history.append({"epoch": epoch, "loss": loss_sum / batches_per_epoch, "val_errors": val_errors,
+            history.append({"epoch": epoch, "steps": batches_per_epoch, "loss": loss_sum / batches_per_epoch,
+                            "val_errors": val_errors,
                             "seconds": round(time.perf_counter() - start, 1)})
             summary = f"loss {loss_sum / batches_per_epoch:.4f}  val errors {val_errors}/{len(val_idx)}"
             progress.update(task, status=summary)

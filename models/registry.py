@@ -52,4 +52,5 @@ def create_model(name: str, **model_kwargs) -> nn.Module:
 
 
 def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Trainable parameters (a mean teacher's moving-average copy is not counted twice)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

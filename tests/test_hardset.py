@@ -57,3 +57,32 @@ def test_cli_errors_unknown_run_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert "run 'ghost' not found" in result.output
     assert "Traceback" not in result.output
+
+
+def test_ensemble_of_identical_runs_equals_the_run(tmp_path, fabricate_run):
+    from benchmark.ensemble import build_ensemble
+
+    labels = np.arange(30) % 10
+    for name in ("m-s0", "m-s1", "m-s2"):
+        fabricate_run(tmp_path, name, labels, [2, 5, 11], seed=0)
+    members = [load_run(tmp_path, n) for n in ("m-s0", "m-s1", "m-s2")]
+    meta = build_ensemble(tmp_path, "ens", members, labels)
+    ensemble = load_run(tmp_path, "ens")
+    np.testing.assert_allclose(ensemble.test_probs, members[0].test_probs, rtol=0, atol=1e-7)
+    assert meta["test_errors"] == 3 and meta["member_spread"] == {"mean": 3.0, "std": 0.0, "min": 3, "max": 3}
+
+
+def test_ensemble_averages_and_can_fix_errors(tmp_path, fabricate_run):
+    from benchmark.ensemble import build_ensemble
+
+    labels = np.arange(30) % 10
+    fabricate_run(tmp_path, "a", labels, [1, 2], seed=1)
+    fabricate_run(tmp_path, "b", labels, [2, 3], seed=2)
+    fabricate_run(tmp_path, "c", labels, [4], seed=3)
+    members = [load_run(tmp_path, n) for n in "abc"]
+    meta = build_ensemble(tmp_path, "abc", members, labels)
+    expected = np.mean([m.test_probs for m in members], axis=0)
+    np.testing.assert_allclose(load_run(tmp_path, "abc").test_probs, expected, atol=1e-7)
+    assert meta["test_errors"] == int((expected.argmax(1) != labels).sum()) == 1  # only 2 is wrong twice
+    assert meta["member_test_errors"] == {"a": 2, "b": 2, "c": 1}
+    assert meta["member_spread"]["mean"] == pytest.approx(5 / 3)

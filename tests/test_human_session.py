@@ -124,7 +124,8 @@ def test_order_is_fixed_per_annotator_and_differs_between_annotators(ws):
     others = {tuple(item.test_index for item in start(ws, f"other{i}").items) for i in range(6)}
     assert first == again and sorted(first) == list(100 + 7 * np.arange(5))
     assert len(others | {tuple(first)}) > 1  # six more annotators do not all share one order
-    assert stable_seed("order", "ann", "tiny") == stable_seed("order", "ann", "tiny") != stable_seed("order", "ann", "x")
+    assert stable_seed("order", "ann", "tiny") == stable_seed("order", "ann", "tiny")
+    assert stable_seed("order", "ann", "tiny") != stable_seed("order", "ann", "x")
 
 
 def test_items_carry_nothing_but_index_and_image(ws):
@@ -139,7 +140,7 @@ def test_items_carry_nothing_but_index_and_image(ws):
 def test_resume_refuses_a_changed_think_setting(ws):
     start(ws, think=True)
     assert start(ws).phases == ("quick", "considered")  # left out: the stored choice
-    with pytest.raises(BenchError, match="started hard set 'tiny' with --think True"):
+    with pytest.raises(BenchError, match="started hard set 'tiny' with --think;"):
         start(ws, think=False)
 
 
@@ -161,6 +162,14 @@ def test_controls_come_from_the_test_set_and_every_run_gets_them_right(tmp_path,
         assert np.array_equal(item.image, mnist.test_images[item.test_index])
     other = open_session(tmp_path, store, "ab", "other", "test", controls=3, data_dir=mnist_dir)
     assert {i.test_index for i in other.items if i.is_control} == {i.test_index for i in controls}
+
+    from human_eval.status import progress
+
+    wrong_control = controls[0].test_index
+    for item in session.items:  # the true digit everywhere except on one control
+        press(session, str((labels[item.test_index] + (item.test_index == wrong_control)) % 10))
+    row = progress(tmp_path, default_db_path(tmp_path), mnist_dir).set_index("annotator").loc["ann"]
+    assert row["finished"] and row["errors"] == 0 and (row["controls_right"], row["controls"]) == (2, 3)
 
 
 # The session flow ---------------------------------------------------------------------------------------------
@@ -255,10 +264,12 @@ def test_half_blocks_carry_two_pixel_rows_per_text_row():
     image = np.array([[0, 255], [255, 120], [40, 40]], np.uint8)  # odd height: padded with black
     true = image_rows(image, "truecolor")
     assert len(true) == 2
-    assert true[0].startswith("\x1b[38;2;0;0;0m\x1b[48;2;255;255;255m\u2580\x1b[38;2;255;255;255m\x1b[48;2;120;120;120m")
+    assert true[0].startswith("\x1b[38;2;0;0;0m\x1b[48;2;255;255;255m\u2580"  # top pixel black, bottom white
+                              "\x1b[38;2;255;255;255m\x1b[48;2;120;120;120m")
     assert "\x1b[38;2;40;40;40m\x1b[48;2;0;0;0m" in true[1]
     grey = image_rows(image, "256")
-    assert grey[0].startswith("\x1b[38;5;16m\x1b[48;5;231m\u2580\x1b[38;5;231m\x1b[48;5;243m")  # 120: nearest 118 = 232 + 11
+    # 0 -> black 16, 255 -> white 231, 120 -> the ramp's nearest grey 118 = colour 232 + 11
+    assert grey[0].startswith("\x1b[38;5;16m\x1b[48;5;231m\u2580\x1b[38;5;231m\x1b[48;5;243m")
     assert image_rows(image, "ascii") == ["=#", "  "]  # the mean of the two rows picks the shade
 
 
@@ -268,14 +279,17 @@ def test_every_screen_fits_80_by_24(ws, mode):
 
     session = start(ws, think=True)
     screens = []
-    for keys in ([], ["z"], ["3"], ["tab"] * 3, ["4"], list("a fairly long reason " * 8), ["enter"], ["3", "3", "enter"] * 4):
+    long_reason = list("a fairly long reason " * 8)
+    for keys in ([], ["z"], ["3"], ["tab"] * 3, ["4"], long_reason, ["enter"], ["3", "3", "enter"] * 4):
         press(session, *keys)
         screens.append(frame(session.view(), mode))
     assert session.view().mode == "finished"
-    for lines in screens:
+    for n, lines in enumerate(screens):
         assert len(lines) <= 24 and max(visible_width(line) for line in lines) <= 80
-        colour = "".join(lines)
-        assert ("\x1b[38;2;" in colour) == (mode == "truecolor") and ("\x1b[38;5;" in colour) == (mode == "256")
+        if n < len(screens) - 1:  # every screen but the closing one shows the image in the chosen colours
+            colour = "".join(lines)
+            assert ("\x1b[38;2;" in colour) == (mode == "truecolor") and ("\x1b[38;5;" in colour) == (mode == "256")
+            assert (mode == "ascii") == ("\x1b" not in colour)
 
 
 def test_split_keys():
@@ -308,7 +322,7 @@ def test_window_ui_with_synthetic_key_events(ws):
     assert np.array_equal(figure.axes[0].images[0].get_array(), session.items[0].image)
     for name in ["6", "shift", "l", "tab", "6", "s", "o", "enter"]:  # l, s: matplotlib's log-scale / save keys
         key(name)
-    assert "item 2 / 5" in figure._suptitle.get_text()
+    assert "item 2 / 5" in figure.get_suptitle()
     answers = load_answers(default_db_path(ws))
     assert answers["answer"].tolist() == [6, 6] and answers["reason"].tolist() == ["", "so"]
     key("9")
@@ -318,7 +332,7 @@ def test_window_ui_with_synthetic_key_events(ws):
     assert "does nothing here" in " ".join(t.get_text() for t in figure.texts)
     key("u")
     key("u")
-    assert "item 1 / 5" in figure._suptitle.get_text() and session.view().phase == "considered"
+    assert "item 1 / 5" in figure.get_suptitle() and session.view().phase == "considered"
     key("q")
     assert session.quit_requested and not plt.fignum_exists(figure.number)
     assert len(load_answers(default_db_path(ws))) == 1  # only the first quick answer is still live
@@ -362,7 +376,8 @@ def test_label_studio_round_trip(ws, tmp_path):
     png = np.asarray(Image.open(out / "images" / f"{tasks[0]['data']['test_index']}.png"))
     assert np.array_equal(png[::8, ::8], images[(tasks[0]["data"]["test_index"] - 100) // 7])
     choices = re.findall(r'<Choice value="([^"]+)"/>', (out / "label_config.xml").read_text())
-    assert choices == [str(d) for d in range(10)] + ["cannot tell"] and '<Image name="image" value="$image"/>' in LABEL_CONFIG
+    assert choices == [str(d) for d in range(10)] + ["cannot tell"]
+    assert '<Image name="image" value="$image"/>' in LABEL_CONFIG
 
     # Fabricate what Label Studio exports after two people labelled the tasks (user 10 skipped one).
     rng = np.random.default_rng(1)
@@ -372,20 +387,24 @@ def test_label_studio_round_trip(ws, tmp_path):
         task["annotations"] = []
         for user in (10, 11):
             choice = "cannot tell" if rng.random() < 0.2 else str(rng.integers(0, 10))
-            truth[(f"labelstudio-{user}", task["data"]["test_index"])] = None if choice == "cannot tell" else int(choice)
+            key = (f"labelstudio-{user}", task["data"]["test_index"])
+            truth[key] = None if choice == "cannot tell" else int(choice)
             task["annotations"].append({
                 "id": 1000 + 2 * n + user, "completed_by": user, "was_cancelled": False, "lead_time": 2.0 + n,
                 "created_at": f"2024-05-01T10:{n:02d}:0{user - 10}.5Z",
-                "result": [{"from_name": "digit", "to_name": "image", "type": "choices", "value": {"choices": [choice]}}]})
+                "result": [{"from_name": "digit", "to_name": "image", "type": "choices",
+                            "value": {"choices": [choice]}}]})
     tasks[0]["annotations"].append({"id": 99, "completed_by": 12, "was_cancelled": True, "result": [],
                                     "created_at": "2024-05-01T11:00:00Z", "lead_time": 1.0})
     export_file = tmp_path / "export.json"
     export_file.write_text(json.dumps(tasks))
     store = AnnotationStore(default_db_path(ws))
     summary = import_labelstudio(store, export_file, "completed_by", ws)
-    assert (summary.imported, summary.skipped, sorted(summary.annotators)) == (10, 1, ["labelstudio-10", "labelstudio-11"])
+    assert (summary.imported, summary.skipped) == (10, 1)
+    assert sorted(summary.annotators) == ["labelstudio-10", "labelstudio-11"]
     answers = load_answers(default_db_path(ws))
-    got = {(a, t): (None if pd.isna(v) else int(v)) for a, t, v in answers[["annotator", "test_index", "answer"]].itertuples(index=False)}
+    got = {(a, t): (None if pd.isna(v) else int(v))
+           for a, t, v in answers[["annotator", "test_index", "answer"]].itertuples(index=False)}
     assert got == truth
     first = answers[answers["test_index"] == tasks[0]["data"]["test_index"]]
     assert (first["seconds"] == 2.0).all() and not answers["is_control"].any()
@@ -402,3 +421,44 @@ def test_label_studio_import_rejects_a_foreign_file(ws, tmp_path):
     bad.write_text(json.dumps([{"id": 1, "data": {"image": "x.png"}, "annotations": []}]))
     with pytest.raises(BenchError, match="no test_index / hardset"):
         import_labelstudio(AnnotationStore(default_db_path(ws)), bad, "completed_by", ws)
+
+
+# The command line ---------------------------------------------------------------------------------------------
+
+
+def test_cli_help_status_export_and_import(ws, tmp_path):
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["human-label", "--help"]).output
+    for word in ("--hardset", "--annotator", "--ui", "--controls", "--think", "status", "export", "import"):
+        assert word in help_text
+    missing = runner.invoke(app, ["human-label", "--workspace", str(ws)])
+    assert missing.exit_code == 2 and "--hardset NAME and --annotator ID" in missing.output
+
+    session = start(ws, "ann")
+    press(session, *[str(label) for label in LABELS])  # in shown order, so some are wrong
+    status = runner.invoke(app, ["human-label", "status", "--workspace", str(ws)])
+    truth = dict(zip(100 + 7 * np.arange(5), LABELS))
+    errors = sum(str(truth[item.test_index]) != label for item, label in zip(session.items, map(str, LABELS)))
+    assert status.exit_code == 0 and re.search(rf"│ ann\s*│ 5/5 done\s*│ {errors}\s*│ 0\s*│", status.output)
+
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["human-label", "export", "--hardset", "tiny", "--format", "labelstudio", "--out",
+                                 str(out), "--workspace", str(ws)])
+    assert result.exit_code == 0 and len(json.loads((out / "tasks.json").read_text())) == 5
+    assert len(list((out / "images").glob("*.png"))) == 5 and (out / "label_config.xml").is_file()
+    tasks = json.loads((out / "tasks.json").read_text())
+    for n, task in enumerate(tasks):
+        task["annotations"] = [{"id": n, "completed_by": {"id": 3, "email": "x@lab.org"}, "lead_time": 1.5,
+                                "created_at": "2024-05-01T10:00:00+00:00", "result": [
+                                    {"from_name": "digit", "type": "choices", "value": {"choices": ["2"]}}]}]
+    (tmp_path / "done.json").write_text(json.dumps(tasks))
+    result = runner.invoke(app, ["human-label", "import", str(tmp_path / "done.json"), "--annotator-from",
+                                 "completed_by", "--workspace", str(ws)])
+    assert result.exit_code == 0 and "imported 5 answers from labelstudio-x@lab.org" in result.output
+    result = runner.invoke(app, ["human-label", "export", "--format", "csv", "--out", str(out), "--workspace", str(ws)])
+    table = pd.read_csv(out / "all-answers.csv")
+    assert result.exit_code == 0 and len(table) == 10 and list(table.columns) == ANSWER_COLUMNS

@@ -7,7 +7,6 @@ no MNIST files are needed. Expectations are recomputed here from the fabricated 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -292,6 +291,28 @@ def test_empty_workspace_lists_every_part_as_not_run(tmp_path):
     for command in COMMANDS.values():
         assert command in page or command.replace("<", "&lt;") in page
         assert f"`{command}`" in markdown
+
+
+def test_partial_workspace_reports_what_exists(tmp_path):
+    ws = tmp_path / "ws"
+    labels = np.random.default_rng(1).integers(0, 10, N_TEST)
+    # a run without validation errors or any optional key, only control answers, a bare assist and bound
+    probs = probabilities(labels, np.arange(7), np.random.default_rng(2))
+    save_run(ws, "bare", {"name": "bare", "model": "mlp"}, probs)
+    with AnnotationStore(ws / "human" / "annotations.sqlite") as store:
+        store.add_answer("later", 5, "ann", "quick", int(labels[5]), "", shown_at=float("nan"), answered_at=1.0,
+                         is_control=True)
+    (ws / "assist" / "bare").mkdir(parents=True)
+    (ws / "assist" / "bare" / "assist.json").write_text(json.dumps({"run": "bare"}))
+    (ws / "bound" / "x").mkdir(parents=True)
+    (ws / "bound" / "x" / "summary.json").write_text(json.dumps({"subset": "x", "total": 10}))
+    page = build_report(ws, test_labels=labels).read_text()
+    not_run = re.findall(r'class="notrun">(.*?)</p>', page)
+    assert len(not_run) == 4  # human confusions, hard set, hard-set answers, glimpse model
+    assert any(COMMANDS["hardset"] in n for n in not_run) and any(COMMANDS["glimpse"] in n for n in not_run)
+    assert pd.read_csv(ws / "report" / "models.csv")["test_errors"].tolist() == [7]
+    assert pd.read_csv(ws / "report" / "controls.csv")["accuracy"].tolist() == [1.0]
+    assert pd.read_csv(ws / "report" / "assist.csv")["run"].tolist() == ["bare"]
 
 
 def test_damaged_artefacts_are_skipped_not_fatal(tmp_path):

@@ -1,0 +1,42 @@
+"""What every `bench` sub-command shares: the consoles, the workspace and data-dir options, and the
+decorator that turns a `BenchError` into one line on stderr and exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from benchmark.errors import BenchError
+
+console = Console()
+err_console = Console(stderr=True)
+
+WorkspaceOpt = typer.Option(None, "--workspace", envvar="BENCH_WORKSPACE",
+                            help="Workspace folder for all artefacts (default: ./workspace).")
+DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the four MNIST IDX files (.gz or raw); "
+                                                   "else BENCH_DATA_DIR, the workspace cache, or a download.")
+
+
+def user_errors(command):
+    """Turn BenchError into `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BenchError as exc:
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def workspace_path(workspace: Optional[Path]) -> Path:
+    from benchmark.runs import resolve_workspace
+
+    return resolve_workspace(workspace)

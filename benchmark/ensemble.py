@@ -1,0 +1,52 @@
+"""Ensembles: average the probabilities of several trained runs and save the result as one more run.
+
+The ensemble run folder has `meta.json`, `val_probs.npy` and `test_probs.npy` like any run (no `model.pt`),
+so `bench errors`, the assist measurement and the report treat it as one more model. Its meta records the
+members, each member's test errors, and their mean, spread (sample standard deviation), min and max.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmark.errors import BenchError
+from benchmark.runs import Run, machine_description, save_run
+
+
+def average_runs(members: list[Run]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean test probabilities (N, 10) and mean validation probabilities (V, 10) or None if any lacks them."""
+    if not members:
+        raise BenchError("an ensemble needs at least one member run")
+    shapes = {m.test_probs.shape for m in members}
+    if len(shapes) != 1:
+        raise BenchError(f"ensemble members disagree on the test-probability shape: {sorted(shapes)}")
+    test = np.mean([m.test_probs for m in members], axis=0)
+    val = None if any(m.val_probs is None for m in members) else np.mean([m.val_probs for m in members], axis=0)
+    return test, val
+
+
+def build_ensemble(workspace, name: str, members: list[Run], test_labels: np.ndarray,
+                   val_labels: np.ndarray | None = None) -> dict:
+    """Average `members`, save the ensemble as run `name`, return its meta.json content."""
+    test_probs, val_probs = average_runs(members)
+    member_errors = {m.name: int((m.test_predictions != test_labels).sum()) for m in members}
+    counts = np.array(list(member_errors.values()))
+    meta = {
+        "name": name, "model": "ensemble", "members": [m.name for m in members],
+        "member_models": sorted({m.meta.get("model", "?") for m in members}),
+        "seed": [m.meta.get("seed") for m in members], "config": {"members": [m.name for m in members]},
+        "parameters": sum(int(m.meta.get("parameters", 0)) for m in members),
+        "train_seconds": round(sum(float(m.meta.get("train_seconds", 0)) for m in members), 1),
+        "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
+        "test_errors": int((test_probs.argmax(1) != test_labels).sum()), "test_size": len(test_labels),
+        "member_test_errors": member_errors,
+        "member_spread": {"mean": float(counts.mean()), "std": float(counts.std(ddof=1)) if len(counts) > 1 else 0.0,
+                          "min": int(counts.min()), "max": int(counts.max())},
+    }
+    if val_probs is not None and val_labels is not None:
+        meta["val_errors"] = int((val_probs.argmax(1) != val_labels).sum())
+        meta["val_size"] = len(val_labels)
+    save_run(workspace, name, meta, test_probs, val_probs)
+    return meta

@@ -1,0 +1,138 @@
+"""Semi-supervised Mean Teacher with CowMask consistency (French, Oliver & Salimans, 2020).
+
+A *student* ConvNet (`models.cnn.ConvNet`) learns by gradient descent; a *teacher* of the same shape holds an
+exponential moving average of the student's weights (and copies of its batch-norm statistics) and is the
+model that predicts. Each training step sees a labelled batch (cross-entropy on the student) and an
+unlabelled batch (the training loop passes it as `unlabelled=`), on which the student must agree with the
+teacher under a CowMask perturbation:
+
+  erase: the student sees the image with the masked-out pixels set to 0 (the MNIST background); the teacher
+         sees the clean image; only images the teacher is confident about (max prob >= `confidence`) count.
+  mix:   two unlabelled images are combined through the mask, x = m * a + (1 - m) * b; the target is the
+         teacher's probabilities mixed in the same proportion, p = mean(m) * p(a) + (1 - mean(m)) * p(b).
+Consistency is the squared difference of probability vectors, weighted by `consistency_weight`.
+
+CowMask (`cow_masks`): per-pixel Gaussian noise, smoothed by a Gaussian filter whose sigma is drawn
+log-uniformly per image, thresholded at that image's own quantile so exactly the requested proportion of
+pixels is kept. Generated for the whole batch at once: per-image kernels run as one grouped, separable
+convolution, and the per-image thresholds come from one sort of the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.cnn import ConvNet
+from models.registry import register_model
+
+
+def cow_masks(n: int, size: int = 28, proportion: float | torch.Tensor = 0.5,
+              sigma_range: tuple[float, float] = (3.0, 12.0), generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """`n` CowMasks, float (n, 1, size, size) of 0/1, with `proportion` (scalar or (n,)) of pixels equal to 1.
+
+    Sigma is drawn log-uniformly from `sigma_range` per mask; larger sigma gives larger blobs.
+    """
+    log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
+    sigma = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=generator))
+    noise = torch.randn(n, 1, size, size, generator=generator)
+    radius = int(math.ceil(3 * sigma_range[1]))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernels = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernels = kernels / kernels.sum(1, keepdim=True)  # (n, 2r+1), one 1-D Gaussian per mask
+    # One grouped convolution filters every mask with its own kernel: rows, then columns (separable).
+    smooth = F.conv2d(noise.view(1, n, size, size), kernels.view(n, 1, 1, -1), padding=(0, radius), groups=n)
+    smooth = F.conv2d(smooth, kernels.view(n, 1, -1, 1), padding=(radius, 0), groups=n).view(n, -1)
+    # Threshold each mask at its own order statistic so that exactly round(p * size^2) pixels are kept.
+    keep = torch.as_tensor(proportion, dtype=torch.float32).expand(n)
+    dropped = ((1 - keep) * size * size).round().long().clamp(0, size * size - 1)
+    threshold = smooth.sort(dim=1).values.gather(1, dropped[:, None])
+    return (smooth >= threshold).float().view(n, 1, size, size).to(device)
+
+
+class MeanTeacher(nn.Module):
+    uses_unlabelled = True  # the training loop feeds an unlabelled batch to training_loss
+
+    def __init__(self, width: int = 32, ema_decay: float = 0.99, mode: str = "mix",
+                 consistency_weight: float = 10.0, confidence: float = 0.9,
+                 proportion_range: tuple[float, float] = (0.25, 0.75), sigma_range: tuple[float, float] = (3.0, 12.0)):
+        super().__init__()
+        if mode not in ("mix", "erase"):
+            raise ValueError(f"mode {mode!r}: expected mix or erase")
+        self.student = ConvNet(width)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.ema_decay, self.mode, self.confidence = ema_decay, mode, confidence
+        self.consistency_weight = consistency_weight
+        self.proportion_range, self.sigma_range = proportion_range, sigma_range
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher only ever predicts; its BN statistics come from the student
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
+
+    def sample_masks(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks (n, 1, 28, 28) and their kept proportions (n,), proportion drawn uniformly per image."""
+        lo, hi = self.proportion_range
+        proportion = lo + (hi - lo) * torch.rand(n)
+        return cow_masks(n, 28, proportion, self.sigma_range, device=device), proportion.to(device)
+
+    def training_loss(self, x, y, label_smoothing: float = 0.0, unlabelled: torch.Tensor | None = None):
+        loss = F.cross_entropy(self.student(x), y, label_smoothing=label_smoothing)
+        if unlabelled is None:
+            return loss
+        with torch.no_grad():
+            teacher_probs = F.softmax(self.teacher(unlabelled), dim=1)
+        masks, _ = self.sample_masks(len(unlabelled), unlabelled.device)
+        if self.mode == "erase":
+            student_probs = F.softmax(self.student(unlabelled * masks), dim=1)
+            confident = (teacher_probs.max(1).values >= self.confidence).float()
+            per_image = ((student_probs - teacher_probs) ** 2).sum(1) * confident
+        else:
+            partner = torch.roll(torch.arange(len(unlabelled), device=unlabelled.device), 1)
+            mixed = masks * unlabelled + (1 - masks) * unlabelled[partner]
+            share = masks.mean((1, 2, 3))[:, None]  # the realised proportion of image a in the mix
+            target = share * teacher_probs + (1 - share) * teacher_probs[partner]
+            per_image = ((F.softmax(self.student(mixed), dim=1) - target) ** 2).sum(1)
+        return loss + self.consistency_weight * per_image.mean()
+
+    @torch.no_grad()
+    def after_step(self):
+        """Teacher <- decay * teacher + (1 - decay) * student; batch-norm statistics are copied."""
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            t.mul_(self.ema_decay).add_(s.detach(), alpha=1 - self.ema_decay)
+        for t, s in zip(self.teacher.buffers(), self.student.buffers()):
+            t.copy_(s)
+
+    def write_figures(self, folder: Path):
+        """A grid of sample CowMasks (the kind this model trained with) as cowmasks.png."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from torchvision.utils import make_grid
+
+        masks, proportion = self.sample_masks(32, "cpu")
+        grid = make_grid(masks, nrow=8, padding=2, pad_value=0.5)[0]
+        fig, ax = plt.subplots(figsize=(8, 4.4))
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"CowMask samples ({self.mode}); kept proportion {self.proportion_range}, sigma {self.sigma_range}")
+        ax.axis("off")
+        fig.savefig(Path(folder) / "cowmasks.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+
+@register_model("cowmask", "Mean Teacher with CowMask consistency (semi-supervised, needs --labels)",
+                epochs=6, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
+                schedule="onecycle", label_smoothing=0.0, augment=True, labels=1000)
+def build_cowmask(width: int = 32, ema_decay: float = 0.99, mode: str = "mix", consistency_weight: float = 10.0,
+                  confidence: float = 0.9) -> nn.Module:
+    return MeanTeacher(width, ema_decay, mode, consistency_weight, confidence)

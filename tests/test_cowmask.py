@@ -1,0 +1,87 @@
+"""CowMask masks and the Mean Teacher: kept proportion, smoothness, the moving average, a training step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.train import make_optimizer, resolve_config, train_model
+from models import create_model, parameter_count
+from models.cowmask import cow_masks
+
+
+@pytest.mark.parametrize("proportion", [0.1, 0.5, 0.8])
+def test_masks_keep_the_requested_proportion(proportion):
+    masks = cow_masks(64, 28, proportion, generator=torch.Generator().manual_seed(0))
+    assert masks.shape == (64, 1, 28, 28)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    kept = masks.mean((1, 2, 3))
+    assert (kept - proportion).abs().max() <= 0.02
+
+
+def test_per_image_proportions():
+    wanted = torch.tensor([0.2, 0.4, 0.6, 0.9])
+    kept = cow_masks(4, 28, wanted, generator=torch.Generator().manual_seed(1)).mean((1, 2, 3))
+    assert torch.allclose(kept, wanted, atol=0.02)
+
+
+def neighbour_agreement(masks: torch.Tensor) -> float:
+    """Share of horizontally and vertically adjacent pixel pairs with the same mask value."""
+    horizontal = (masks[..., :, 1:] == masks[..., :, :-1]).float().mean()
+    vertical = (masks[..., 1:, :] == masks[..., :-1, :]).float().mean()
+    return float((horizontal + vertical) / 2)
+
+
+def test_masks_are_smooth_not_white_noise():
+    masks = cow_masks(64, 28, 0.5, generator=torch.Generator().manual_seed(2))
+    white = (torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(2)) < 0.5).float()
+    assert neighbour_agreement(white) == pytest.approx(0.5, abs=0.02)  # chance level for p = 0.5
+    assert neighbour_agreement(masks) > 0.85
+    # larger sigma, larger blobs: agreement grows with the smoothing scale
+    small = cow_masks(64, 28, 0.5, sigma_range=(1.0, 1.0), generator=torch.Generator().manual_seed(3))
+    large = cow_masks(64, 28, 0.5, sigma_range=(8.0, 8.0), generator=torch.Generator().manual_seed(3))
+    assert neighbour_agreement(large) > neighbour_agreement(small)
+
+
+def test_teacher_is_the_moving_average_of_the_student():
+    torch.manual_seed(0)
+    model = create_model("cowmask", ema_decay=0.9)
+    assert parameter_count(model) == parameter_count(create_model("cnn"))  # teacher not trainable
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    model.after_step()
+    for before, t, s in zip(teacher_before, model.teacher.parameters(), model.student.parameters()):
+        torch.testing.assert_close(t, 0.9 * before + 0.1 * s)
+    for t, s in zip(model.teacher.buffers(), model.student.buffers()):
+        torch.testing.assert_close(t, s)
+
+
+@pytest.mark.parametrize("mode", ["mix", "erase"])
+def test_training_step_updates_student_not_teacher_directly(mode):
+    torch.manual_seed(0)
+    model = create_model("cowmask", mode=mode, confidence=0.0).train()
+    cfg = resolve_config("cowmask")
+    opt, _ = make_optimizer(model, cfg, steps=1)
+    x, xu = torch.rand(8, 1, 28, 28), torch.rand(8, 1, 28, 28)
+    loss = model.training_loss(x, torch.arange(8) % 10, 0.0, unlabelled=xu)
+    supervised_only = model.training_loss(x, torch.arange(8) % 10, 0.0)
+    assert loss.item() > supervised_only.item()  # the consistency term adds to the loss
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
+
+
+def test_semi_supervised_loop_uses_unlabelled_images(mnist, tmp_path):
+    cfg = resolve_config("cowmask", labels=20, epochs=1, train_subset=256, batch_size=64,
+                         model_kwargs={"width": 4})
+    result = train_model("cowmask", cfg, mnist, seed=0, device=torch.device("cpu"), show_progress=False)
+    assert len(result.history) == 1 and result.test_probs.shape == (10000, 10)
+    assert result.history[0]["steps"] == 4  # an epoch is one pass over the 256 unlabelled images, not the 20
+    result.model.write_figures(tmp_path)
+    assert (tmp_path / "cowmasks.png").stat().st_size > 1000
+    with pytest.raises(Exception, match="semi-supervised: give --labels"):
+        train_model("cowmask", resolve_config("cowmask", labels=None, epochs=1), mnist, 0, torch.device("cpu"),
+                    show_progress=False)
