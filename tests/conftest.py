@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmark.data import MNIST_FILES, load_mnist
 from benchmark.runs import save_run
@@ -27,6 +28,16 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
     data = idx_bytes(array)
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test tensors are small: threads gain nothing there, and on a loaded 2-core machine spin-waiting
+    threads cost up to 30x. Subprocesses (the real `bench`) keep torch's default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

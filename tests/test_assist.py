@@ -15,7 +15,6 @@ from benchmark.cli import app
 from benchmark.runs import save_run
 from conftest import fabricated_probs
 from models import create_model
-from test_generator import one_thread  # noqa: F401  (autouse: torch on one thread in this module too)
 
 
 def probs_table(rows: list[dict[int, float]]) -> np.ndarray:

@@ -11,15 +11,6 @@ from models import create_model
 from models.generator import NearestInRange, RangeUncovery, image_points, range_uncovery_points
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors gain nothing from threads, and on a loaded machine extra threads cost 30x in spin waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sparse_images(n: int, seed: int) -> torch.Tensor:
     """(n, 1, 28, 28) images with ~15% ink pixels of random grey levels, no ink on the outer 2-pixel rim."""
     g = torch.Generator().manual_seed(seed)
