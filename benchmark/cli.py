@@ -62,6 +62,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
           lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the model's)."),
           batch_size: Optional[int] = typer.Option(None, help="Batch size (default: the model's)."),
           labels: Optional[int] = typer.Option(None, help="Use only N labelled fit images (class-balanced, seeded)."),
+          glimpses: Optional[int] = typer.Option(None, help="glimpse model: number of glimpses K (default 25)."),
           train_subset: Optional[int] = typer.Option(None, help="Use only the first N fit images (smoke tests)."),
           device: str = typer.Option("auto", help="auto, cpu or cuda."),
           name: Optional[str] = typer.Option(None, help="Run name (default: <model>-s<seed>, plus -l<labels>)."),
@@ -74,15 +75,20 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     from benchmark.runs import machine_description, save_run, versions
     from benchmark.train import pick_device, resolve_config, train_model
 
+    if glimpses is not None and model != "glimpse":
+        raise BenchError(f"--glimpses applies to the glimpse model only, not {model}")
     try:
         cfg = resolve_config(model, epochs=epochs, lr=lr, batch_size=batch_size, labels=labels,
                              train_subset=train_subset)
     except KeyError as exc:
         raise BenchError(str(exc.args[0])) from None
+    if glimpses is not None:
+        cfg.model_kwargs = {**cfg.model_kwargs, "glimpses": glimpses}
     ws = workspace_path(workspace)
     torch_device = pick_device(device)
     mnist = load_mnist(data_dir, ws)
-    run_name = name or f"{model}-s{seed}" + (f"-l{labels}" if labels else "")
+    run_name = name or (f"{model}" + (f"-k{glimpses}" if glimpses else "") + f"-s{seed}"
+                        + (f"-l{labels}" if labels else ""))
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
     result = train_model(model, cfg, mnist, seed, torch_device)
     val_labels = mnist.train_labels[result.val_indices]
@@ -95,9 +101,20 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         "test_size": len(mnist.test_labels), "history": result.history,
         "data": {"source": str(mnist.source), "sha256": mnist.digests}, "versions": versions(),
     }
+    if model == "glimpse":  # accuracy after every glimpse, reading bilinearly and rounded to the nearest pixel
+        from benchmark.train import to_float
+        from models.glimpse import per_step_accuracy, plot_glimpse_paths
+
+        x_test = to_float(mnist.test_images)
+        meta["step_accuracy"] = per_step_accuracy(result.model, x_test, mnist.test_labels)
+        meta["step_accuracy_rounded"] = per_step_accuracy(result.model, x_test, mnist.test_labels, rounded=True)
+        for k, (smooth, rounded) in enumerate(zip(meta["step_accuracy"], meta["step_accuracy_rounded"]), 1):
+            console.print(f"glimpse {k:2d}: test accuracy {100 * smooth:6.2f}% (rounded to pixels {100 * rounded:6.2f}%)")
     path = save_run(ws, run_name, meta, result.test_probs, result.val_probs, result.model.state_dict())
-    if hasattr(result.model, "write_figures"):  # model-specific pictures: glimpse paths, masks, samples
+    if hasattr(result.model, "write_figures"):  # model-specific pictures: masks, generator samples
         result.model.write_figures(path)
+    if model == "glimpse":
+        plot_glimpse_paths(result.model, x_test[:8], mnist.test_labels[:8], path / "glimpse_paths.png")
     console.print(f"{run_name}: validation errors {meta['val_errors']}/{meta['val_size']}, "
                   f"test errors {meta['test_errors']}/{meta['test_size']} "
                   f"({100 * meta['test_errors'] / meta['test_size']:.2f}%), {meta['train_seconds']:.0f} s -> {path}")
@@ -196,6 +213,39 @@ def assist(run: str = typer.Option(..., "--run", help="Classifier run whose doub
     alone = result["generator_alone"]
     console.print(f"generator alone: {alone['test_errors']}/{alone['test_size']} test errors; "
                   f"{result['seconds']:.0f} s; written to {folder}", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def bound(subset: str = typer.Option("all", help="all (train + test, 70,000), train (60,000) or test (10,000)."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <workspace>/bound/<subset>)."),
+          benchmark: bool = typer.Option(False, "--benchmark", help="Also time the naive per-pair bincount on a "
+                                                                     "sample of pairs and extrapolate to all pairs."),
+          device: str = typer.Option("auto", help="auto, cpu (numba) or cuda (torch for the in-sample search)."),
+          data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """Exhaustive two-pixel upper bound: the best lookup table for every one of the 306,936 pixel pairs."""
+    from benchmark.bound import SUBSETS, run_bound, summary_table
+    from benchmark.data import load_mnist
+    from benchmark.train import pick_device
+
+    if subset not in SUBSETS:
+        raise BenchError(f"--subset {subset}: expected one of {', '.join(SUBSETS)}")
+    torch_device = pick_device(device)
+    ws = workspace_path(workspace)
+    folder = out or ws / "bound" / subset
+    summary = run_bound(load_mnist(data_dir, ws), subset, folder, str(torch_device), benchmark)
+    console.print(summary_table(summary))
+    console.print(f"search (pairs, singles, adaptive): {summary['seconds']:.2f} s with {summary['engine']} "
+                  f"(JIT compile/cache load {summary['jit_seconds']:.1f} s, not timed); held-out pass "
+                  f"{summary['heldout']['seconds']:.2f} s; load average {summary['load_average_1min']:.1f}",
+                  soft_wrap=True)
+    if benchmark:
+        bench = summary["benchmark"]
+        console.print(f"naive bincount: {1000 * bench['naive_seconds_per_pair']:.2f} ms/pair on "
+                      f"{bench['naive_pairs_timed']} sampled pairs (all agree with the search) -> "
+                      f"{bench['naive_extrapolated_seconds']:.0f} s for all pairs; search "
+                      f"{bench['search_seconds']:.2f} s; speed-up {bench['speedup']:.0f}x", soft_wrap=True)
+    console.print(f"written to {folder}", markup=False, soft_wrap=True)
 
 
 def main():

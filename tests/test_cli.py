@@ -77,3 +77,9 @@ def _test_labels(mnist_dir):
     from benchmark.data import MNIST_FILES, read_idx
 
     return read_idx(Path(mnist_dir) / "t10k-labels-idx1-ubyte.gz", MNIST_FILES["test_labels"])[0]
+
+
+def test_glimpses_option_only_for_the_glimpse_model(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--model", "mlp", "--glimpses", "2", "--workspace", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--glimpses applies to the glimpse model only" in result.output
