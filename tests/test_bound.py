@@ -2,9 +2,7 @@
 real MNIST, and the `bench bound` command."""
 
 import json
-import os
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,17 +70,15 @@ def dataset(draw, n_pixels, n_labels, min_size):
 
 
 @st.composite
-def problems(draw):
-    n_pixels = draw(st.integers(2, 7))
+def problems(draw, min_pixels=2, max_pixels=7):
+    n_pixels = draw(st.integers(min_pixels, max_pixels))
     n_labels = draw(st.integers(1, 4))
     fit = dataset(draw, n_pixels, n_labels, 1)
     score = dataset(draw, n_pixels, n_labels, 0)
     return fit, score
 
 
-@settings(max_examples=150, deadline=None)
-@given(problems())
-def test_every_count_matches_brute_force(problem):
+def check_against_brute_force(problem):
     (fit_x, fit_y), (score_x, score_y) = problem
     pairs, adaptive, heldout = brute_force(fit_x, fit_y, score_x, score_y)
     counts = scan_pairs(fit_x, fit_y, score_x, score_y)
@@ -94,6 +90,19 @@ def test_every_count_matches_brute_force(problem):
     by_pixel = np.ascontiguousarray(fit_x.T)
     a, b = 0, fit_x.shape[1] - 1
     assert naive_pair_count(by_pixel, fit_y, a, b, int(fit_y.max()) + 1) == pairs[a, b]
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_every_count_matches_brute_force(problem):
+    check_against_brute_force(problem)
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems(min_pixels=33, max_pixels=70))
+def test_every_count_matches_brute_force_across_pixel_blocks(problem):
+    """Wider images than one block of second pixels (32), so the per-block bookkeeping is exercised."""
+    check_against_brute_force(problem)
 
 
 @settings(max_examples=20, deadline=None)
@@ -110,19 +119,7 @@ def test_best_pair_breaks_ties_towards_lowest_pair():
     assert best_pair(m) == (0, 2, 7)
 
 
-DATA_DIR = os.environ.get("BENCH_DATA_DIR")
-needs_mnist = pytest.mark.skipif(not DATA_DIR, reason="set BENCH_DATA_DIR to the MNIST folder")
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    from benchmark.data import load_mnist
-
-    return load_mnist(Path(DATA_DIR), Path("unused-workspace"))
-
-
 @pytest.mark.slow
-@needs_mnist
 def test_known_figure_on_all_70000_images(mnist):
     images = np.concatenate([mnist.train_images, mnist.test_images])
     labels = np.concatenate([mnist.train_labels, mnist.test_labels])
@@ -136,30 +133,50 @@ def test_known_figure_on_all_70000_images(mnist):
     assert (counts.adaptive >= counts.pairs.max(1)).all()  # fixing the second pixel is one adaptive choice
 
 
+def heldout_pair_reference(fit_x, fit_y, score_x, score_y, a, b):
+    """Test images one pair's table (fitted on fit_x) names correctly, straight from the definition (a < b)."""
+    fit_x, score_x = fit_x.reshape(len(fit_x), -1).astype(np.int64), score_x.reshape(len(score_x), -1)
+    cells = np.zeros((256 * 256, 10), np.int64)
+    np.add.at(cells, (fit_x[:, a] * 256 + fit_x[:, b], fit_y), 1)
+    rows = np.zeros((256, 10), np.int64)
+    np.add.at(rows, (fit_x[:, a], fit_y), 1)
+    overall = np.bincount(fit_y, minlength=10).argmax()
+    ga, gb = score_x[:, a].astype(np.int64), score_x[:, b]
+    answer = np.where(cells[ga * 256 + gb].sum(1) > 0, cells[ga * 256 + gb].argmax(1),
+                      np.where(rows[ga].sum(1) > 0, rows[ga].argmax(1), overall))
+    return int((answer == score_y).sum())
+
+
 @pytest.mark.slow
-@needs_mnist
-def test_cli_writes_summary_matching_the_search(mnist, tmp_path):
+def test_cli_writes_summary_matching_the_search(mnist, mnist_dir, tmp_path):
     result = CliRunner().invoke(app, ["bound", "--subset", "test", "--out", str(tmp_path / "b"), "--device", "cpu",
-                                      "--data-dir", DATA_DIR, "--workspace", str(tmp_path / "ws")])
+                                      "--data-dir", str(mnist_dir), "--workspace", str(tmp_path / "ws")])
     assert result.exit_code == 0, result.output
+    assert "best pair" in result.output
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     counts = scan_pairs(mnist.test_images, mnist.test_labels)
     a, b, n = best_pair(counts.pairs)
-    assert summary["total"] == 10000
+    assert summary["subset"] == "test" and summary["total"] == 10000
     assert summary["best_pair"]["pixels"] == [a, b] and summary["best_pair"]["correct"] == n
     single = int(np.argmax(np.diagonal(counts.pairs)))
     assert summary["best_single"]["pixel"] == single
     assert summary["best_single"]["correct"] == counts.pairs[single, single]
+    assert summary["adaptive"]["first_pixel"] == int(np.argmax(counts.adaptive))
     assert summary["adaptive"]["correct"] == counts.adaptive.max()
-    held = scan_pairs(mnist.train_images, mnist.train_labels, mnist.test_images, mnist.test_labels)
-    ta, tb, _ = best_pair(held.pairs)
-    assert summary["heldout"]["train_best_pair"]["pixels"] == [ta, tb]
-    assert summary["heldout"]["train_best_pair"]["test_correct"] == held.heldout[ta, tb]
-    assert summary["heldout"]["oracle_best_pair"]["test_correct"] == best_pair(held.heldout)[2]
     np.testing.assert_array_equal(np.load(tmp_path / "b" / "pairs.npy"), counts.pairs)
     top = (tmp_path / "b" / "top100_pairs.csv").read_text().splitlines()
     assert len(top) == 101 and top[1].startswith(f"1,{a},{b},")
     assert (tmp_path / "b" / "heatmap.png").stat().st_size > 0
+    # held-out figures: each reported pair's numbers against the plain definition
+    train_x, train_y = mnist.train_images, mnist.train_labels
+    by_pixel = np.ascontiguousarray(train_x.reshape(len(train_x), -1).T)
+    for key in ("train_best_pair", "oracle_best_pair"):
+        ta, tb = summary["heldout"][key]["pixels"]
+        assert summary["heldout"][key]["test_correct"] == heldout_pair_reference(
+            train_x, train_y, mnist.test_images, mnist.test_labels, ta, tb)
+    honest, oracle = summary["heldout"]["train_best_pair"], summary["heldout"]["oracle_best_pair"]
+    assert honest["train_correct"] == naive_pair_count(by_pixel, train_y, *honest["pixels"], 10)
+    assert oracle["test_correct"] >= honest["test_correct"]
 
 
 @pytest.mark.parametrize("args, message", [(["--subset", "foo"], "--subset foo"),
