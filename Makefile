@@ -20,7 +20,10 @@ demo: install
 	$(BIN)/bench data
 	$(BIN)/bench train --model mlp --workspace $(WORKSPACE)
 	$(BIN)/bench errors --run mlp-s0 --workspace $(WORKSPACE)
-	@echo "Results are in $(WORKSPACE)/: runs/mlp-s0 (model, meta.json, probabilities), hardsets/mlp-s0 (the hard set)"
+	$(BIN)/bench bound --subset all --workspace $(WORKSPACE)
+	$(BIN)/bench report --workspace $(WORKSPACE)
+	@echo "Results are in $(WORKSPACE)/: runs/mlp-s0 (model, meta.json, probabilities), hardsets/mlp-s0 (the hard set),"
+	@echo "bound/all (two-pixel bound) and report/report.html (the comparison report)"
 
 test: install
 	$(BIN)/python -m pytest -q
