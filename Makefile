@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/bench data
+	$(BIN)/bench data --workspace $(WORKSPACE)
 	$(BIN)/bench train --model mlp --workspace $(WORKSPACE)
 	$(BIN)/bench errors --run mlp-s0 --workspace $(WORKSPACE)
 	$(BIN)/bench bound --subset all --workspace $(WORKSPACE)
