@@ -121,7 +121,7 @@ class MeanTeacher(nn.Module):
         from torchvision.utils import make_grid
 
         masks, proportion = self.sample_masks(32, "cpu")
-        grid = make_grid(masks, nrow=8, padding=2, pad_value=0.5)[0]
+        grid = make_grid(masks, nrow=8, padding=2, pad_value=0.5)[0].numpy()
         fig, ax = plt.subplots(figsize=(8, 4.4))
         ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"CowMask samples ({self.mode}); kept proportion {self.proportion_range}, sigma {self.sigma_range}")

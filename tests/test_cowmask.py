@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from benchmark.errors import BenchError
 from benchmark.train import make_optimizer, resolve_config, train_model
 from models import create_model, parameter_count
 from models.cowmask import cow_masks
@@ -82,6 +85,6 @@ def test_semi_supervised_loop_uses_unlabelled_images(mnist, tmp_path):
     assert result.history[0]["steps"] == 4  # an epoch is one pass over the 256 unlabelled images, not the 20
     result.model.write_figures(tmp_path)
     assert (tmp_path / "cowmasks.png").stat().st_size > 1000
-    with pytest.raises(Exception, match="semi-supervised: give --labels"):
-        train_model("cowmask", resolve_config("cowmask", labels=None, epochs=1), mnist, 0, torch.device("cpu"),
-                    show_progress=False)
+    with pytest.raises(BenchError, match="semi-supervised: give --labels"):
+        no_labels = dataclasses.replace(resolve_config("cowmask", epochs=1), labels=None)
+        train_model("cowmask", no_labels, mnist, 0, torch.device("cpu"), show_progress=False)

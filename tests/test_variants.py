@@ -1,0 +1,221 @@
+"""The model variants of issue 4: MLP-Mixer, SoftOrdering point sets and active-attention glimpses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark.train import resolve_config, training_loss
+from models import REGISTRY, create_model
+from models.glimpse import glimpse_paths, per_step_accuracy, plot_glimpse_paths, read_pixels
+from models.softorder import SoftHistogram, image_points
+
+VARIANTS = {  # name -> model kwargs of every configuration the tests build
+    "mixer": [{}, {"patch": 7, "dim": 32, "depth": 2}],
+    "softorder": [{}, {"pool": "max"}, {"points": "all", "features": 16, "bins": 4}],
+    "glimpse": [{}, {"glimpses": 2}],
+}
+
+
+def fabricated_digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images (n, 1, 28, 28) in [0, 1] of 10 classes: a smooth random template per class plus noise.
+
+    Templates are 7x7 noise upsampled and thresholded, so about a quarter of the pixels carry ink and the
+    rest are exactly 0, like MNIST; the classes are learnable from a few pixels.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.rand(10, 1, 7, 7, generator=gen), size=28, mode="bilinear", align_corners=False)
+    labels = torch.arange(n) % 10
+    noisy = templates[labels] + 0.1 * torch.randn(n, 1, 28, 28, generator=gen)
+    return ((noisy - 0.6) * 3).clamp(0, 1), labels
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name,kwargs", [(n, k) for n, ks in VARIANTS.items() for k in ks])
+def test_variant_maps_images_to_logits(name, kwargs):
+    model = create_model(name, **kwargs).eval()
+    x, _ = fabricated_digits(5)
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (5, 10)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_is_registered_with_valid_training_defaults(name):
+    entry = REGISTRY[name]
+    assert entry.description
+    cfg = resolve_config(name)  # raises on a default that is not a TrainConfig field
+    assert cfg.epochs >= 1 and cfg.optimizer in ("sgd", "adamw")
+
+
+def test_mixer_patches_are_the_image_tiles():
+    mixer = create_model("mixer", patch=7)
+    x = torch.arange(784.0).reshape(1, 1, 28, 28)
+    tokens = mixer.patches(x)
+    assert tokens.shape == (1, 16, 49)
+    # token 5 is grid cell (1, 1): rows 7..13, columns 7..13
+    assert torch.equal(tokens[0, 5], x[0, 0, 7:14, 7:14].flatten())
+
+
+def test_image_points_keeps_exactly_the_ink_pixels():
+    x, _ = fabricated_digits(3)
+    points, mask = image_points(x, "ink")
+    for n in range(3):
+        ink = x[n, 0] > 0
+        assert int(mask[n].sum()) == int(ink.sum())
+        rows = ((points[n, mask[n], 0] + 1) * 13.5).round().long()
+        cols = ((points[n, mask[n], 1] + 1) * 13.5).round().long()
+        assert ink[rows, cols].all()
+        assert torch.allclose(points[n, mask[n], 2], x[n, 0, rows, cols])
+    points_all, mask_all = image_points(x, "all")
+    assert points_all.shape == (3, 784, 3) and mask_all.all()
+
+
+def test_soft_histogram_memberships_form_a_distribution():
+    pool = SoftHistogram(features=4, bins=5)
+    h = torch.randn(2, 30, 4) * 3  # some values beyond the outer centres
+    mask = torch.rand(2, 30) < 0.7
+    hist = pool(h, mask).reshape(2, 4, 5)
+    assert (hist >= 0).all()
+    assert torch.allclose(hist.sum(2), torch.ones(2, 4))
+    # a value exactly on a centre belongs to that bin alone (centres start at -2, -1, 0, 1, 2)
+    on_centre = pool(torch.full((1, 1, 4), 1.0), torch.ones(1, 1, dtype=torch.bool)).reshape(4, 5)
+    assert torch.allclose(on_centre, F.one_hot(torch.tensor([3] * 4), 5).float())
+
+
+@pytest.mark.parametrize("pool", ["hist", "max"])
+def test_softorder_output_ignores_point_order(pool):
+    model = create_model("softorder", pool=pool).eval()
+    x, _ = fabricated_digits(4)
+    points, mask = image_points(x)
+    gen = torch.Generator().manual_seed(1)
+    order = torch.stack([torch.randperm(points.shape[1], generator=gen) for _ in range(4)])  # per image
+    shuffled = torch.gather(points, 1, order.unsqueeze(2).expand_as(points))
+    with torch.no_grad():
+        assert torch.allclose(model.forward_points(points, mask),
+                              model.forward_points(shuffled, torch.gather(mask, 1, order)), atol=1e-5)
+
+
+def test_softorder_points_listed_in_any_pixel_order_give_the_image_logits():
+    """Build the point set independently of `image_points`, in a random pixel order, from the raw image."""
+    model = create_model("softorder").eval()
+    x, _ = fabricated_digits(1, seed=3)
+    rng = np.random.default_rng(0)
+    pixels = rng.permutation(np.flatnonzero(x[0, 0].numpy().ravel() > model.ink_threshold))
+    rows, cols = pixels // 28, pixels % 28
+    points = torch.tensor(np.stack([rows / 13.5 - 1, cols / 13.5 - 1, x[0, 0].numpy()[rows, cols]], 1),
+                          dtype=torch.float32).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_points(points, torch.ones(1, len(pixels), dtype=torch.bool)),
+                              model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["hist", "max"])
+def test_softorder_padding_does_not_change_the_output(pool):
+    model = create_model("softorder", pool=pool).eval()
+    x, _ = fabricated_digits(6)
+    points, mask = image_points(x, model.points, model.ink_threshold)
+    junk = torch.randn(6, 40, 3) * 5  # padded slots with arbitrary content
+    padded = torch.cat([points, junk], 1), torch.cat([mask, torch.zeros(6, 40, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        alone = model.forward_points(points, mask)
+        assert torch.allclose(model.forward_points(*padded), alone, atol=1e-5)
+        # in a batch each image is padded to the largest ink count; alone it is not padded at all
+        assert torch.allclose(torch.cat([model(x[n:n + 1]) for n in range(6)]), alone, atol=1e-5)
+
+
+def test_bilinear_read_is_the_pixel_on_pixels_and_a_blend_between():
+    x, _ = fabricated_digits(2)
+    on_pixels = torch.tensor([[3.0, 20.0], [27.0, 0.0]])
+    assert torch.allclose(read_pixels(x, on_pixels), torch.stack([x[0, 0, 3, 20], x[1, 0, 27, 0]]))
+    between = torch.tensor([[3.5, 20.0], [26.25, 0.0]])
+    expected = torch.stack([(x[0, 0, 3, 20] + x[0, 0, 4, 20]) / 2, 0.75 * x[1, 0, 26, 0] + 0.25 * x[1, 0, 27, 0]])
+    assert torch.allclose(read_pixels(x, between), expected)
+
+
+def test_bilinear_read_gradient_is_the_image_slope():
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    ramp = (0.02 * rows - 0.01 * cols + 0.3).reshape(1, 1, 28, 28).expand(3, 1, 28, 28)
+    coords = torch.tensor([[5.3, 7.9], [12.0, 0.5], [26.7, 26.2]], requires_grad=True)
+    read_pixels(ramp, coords).sum().backward()
+    assert torch.allclose(coords.grad, torch.tensor([[0.02, -0.01]] * 3), atol=1e-6)
+
+
+def test_glimpse_policy_learns_through_the_bilinear_read():
+    """With the embedding blind to the coordinates, the only path from loss to policy is the grey value."""
+    model = create_model("glimpse", glimpses=4)
+    with torch.no_grad():
+        model.embed[0].weight[:, :2] = 0
+    x, y = fabricated_digits(32)
+    model.training_loss(x, y, 0.0).backward()
+    policy_grad = model.policy[-1].weight.grad
+    assert policy_grad is not None and policy_grad.abs().sum() > 0
+
+
+def test_glimpse_steps_paths_and_per_step_accuracy(tmp_path):
+    model = create_model("glimpse", glimpses=5).eval()
+    x, y = fabricated_digits(6)
+    with torch.no_grad():
+        logits = model.step_logits(x)
+        assert logits.shape == (5, 6, 10)
+        assert torch.equal(logits[-1], model(x))
+    paths = glimpse_paths(model, x)
+    assert paths.shape == (6, 5, 2)
+    assert ((paths >= 0) & (paths <= 27)).all()
+    assert torch.allclose(paths[:, 0], paths[0, 0].expand(6, 2))  # before any reading all images look alike
+    accuracy = per_step_accuracy(model, x, y.numpy(), rounded=False, batch_size=4)
+    assert len(accuracy) == 5
+    assert accuracy[-1] == pytest.approx((logits[-1].argmax(1) == y).float().mean().item())
+    png = plot_glimpse_paths(model, x, y.numpy(), tmp_path / "paths.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounded_glimpses_see_only_the_pixels_they_visit():
+    model = create_model("glimpse", glimpses=6).eval()
+    x, _ = fabricated_digits(4)
+    visited = glimpse_paths(model, x, rounded=True)
+    assert torch.equal(visited, visited.round())
+    seen = torch.zeros(4, 28, 28, dtype=torch.bool)
+    for n in range(4):
+        seen[n, visited[n, :, 0].long(), visited[n, :, 1].long()] = True
+    noise = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    other = torch.where(seen.unsqueeze(1), x, noise)  # the same visited pixels, anything elsewhere
+    with torch.no_grad():
+        assert torch.allclose(model.step_logits(other, rounded=True), model.step_logits(x, rounded=True))
+        # bilinear glimpses between pixels also see the neighbours, so they notice the change
+        assert not torch.allclose(model.step_logits(other), model.step_logits(x))
+
+
+@pytest.mark.parametrize("name,kwargs", [("mixer", {"dim": 64, "depth": 2}), ("softorder", {}),
+                                         ("softorder", {"pool": "max"}), ("glimpse", {"glimpses": 6})])
+def test_a_few_training_steps_reduce_the_loss(name, kwargs):
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    x, y = fabricated_digits(256)
+
+    def full_loss():
+        model.eval()
+        with torch.no_grad():
+            return training_loss(model, x, y, 0.0).item()
+
+    before = full_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        model.train()
+        batch = torch.randperm(256, generator=gen)[:64]
+        loss = training_loss(model, x[batch], y[batch], 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert full_loss() < 0.7 * before
