@@ -91,7 +91,7 @@ class GlimpseNet(nn.Module):
         self.head = nn.Linear(hidden, 10)
         self.policy = nn.Sequential(nn.Linear(hidden + 10, hidden), nn.ReLU(), nn.Linear(hidden, 2))
         # Per-step base positions (in sigmoid-logit space) start on a sunflower spiral; offsets start at zero.
-        self.base = nn.Parameter(torch.logit(sunflower(glimpses, radius=min(10.0, 3 * math.sqrt(glimpses))) / (SIDE - 1)))
+        self.base = nn.Parameter(torch.logit(sunflower(glimpses) / (SIDE - 1)))
         nn.init.zeros_(self.policy[-1].weight)
         nn.init.zeros_(self.policy[-1].bias)
 
