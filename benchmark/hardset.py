@@ -11,14 +11,13 @@ It is what the labelling session, the assist measurement and the report read.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from benchmark.errors import BenchError
-from benchmark.runs import Run
+from benchmark.runs import Run, replace_folder_atomically
 
 
 def top3_text(probs: np.ndarray) -> list[str]:
@@ -48,18 +47,15 @@ def write_hardset(workspace: Path, name: str, runs: list[Run], mode: str, test_i
                   test_labels: np.ndarray) -> tuple[Path, pd.DataFrame]:
     """Gather and write the hard set atomically; returns (folder, items table)."""
     table = hardset_table(runs, test_labels, mode)
-    root = workspace / "hardsets"
-    root.mkdir(parents=True, exist_ok=True)
-    final, staging = root / name, root / f".{name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    table.to_csv(staging / "items.csv", index=False)
-    np.save(staging / "images.npy", test_images[table["test_index"].to_numpy()])
-    (staging / "hardset.json").write_text(json.dumps(
-        {"name": name, "runs": [r.name for r in runs], "mode": mode, "count": len(table),
-         "errors_per_run": {r.name: int((r.test_predictions != test_labels).sum()) for r in runs}}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
+
+    def write(folder: Path) -> None:
+        table.to_csv(folder / "items.csv", index=False)
+        np.save(folder / "images.npy", test_images[table["test_index"].to_numpy()])
+        (folder / "hardset.json").write_text(json.dumps(
+            {"name": name, "runs": [r.name for r in runs], "mode": mode, "count": len(table),
+             "errors_per_run": {r.name: int((r.test_predictions != test_labels).sum()) for r in runs}}, indent=2))
+
+    final = replace_folder_atomically(workspace / "hardsets" / name, write)
     return final, table
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,24 +67,18 @@ class Run:
         return self.test_probs.argmax(1)
 
 
-def save_run(workspace: Path, name: str, meta: dict, test_probs: np.ndarray,
-             val_probs: np.ndarray | None = None, state_dict: dict | None = None) -> Path:
-    """Write a run folder atomically; returns its path."""
-    import torch
+def replace_folder_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a staging folder next to `final` with write(staging), then swap it in for `final`.
 
-    runs = workspace / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    final, staging = runs / name, runs / f".{name}.tmp"
+    A crash or a failing `write` leaves any earlier `final` untouched (a half-written staging folder is
+    removed on the next attempt), so nothing already saved is damaged. Returns `final`.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging, old = final.parent / f".{final.name}.tmp", final.parent / f".{final.name}.old"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    if state_dict is not None:
-        torch.save(state_dict, staging / "model.pt")
-    np.save(staging / "test_probs.npy", test_probs.astype(np.float32))
-    if val_probs is not None:
-        np.save(staging / "val_probs.npy", val_probs.astype(np.float32))
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    write(staging)
     if final.exists():
-        old = runs / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         staging.rename(final)
@@ -91,6 +86,22 @@ def save_run(workspace: Path, name: str, meta: dict, test_probs: np.ndarray,
     else:
         staging.rename(final)
     return final
+
+
+def save_run(workspace: Path, name: str, meta: dict, test_probs: np.ndarray,
+             val_probs: np.ndarray | None = None, state_dict: dict | None = None) -> Path:
+    """Write a run folder atomically; returns its path."""
+    import torch
+
+    def write(folder: Path) -> None:
+        if state_dict is not None:
+            torch.save(state_dict, folder / "model.pt")
+        np.save(folder / "test_probs.npy", test_probs.astype(np.float32))
+        if val_probs is not None:
+            np.save(folder / "val_probs.npy", val_probs.astype(np.float32))
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    return replace_folder_atomically(workspace / "runs" / name, write)
 
 
 def run_names(workspace: Path) -> list[str]:

@@ -11,12 +11,28 @@ from typer.testing import CliRunner
 from benchmark.cli import app
 from benchmark.errors import BenchError
 from benchmark.hardset import hardset_table, load_hardset, top3_text
-from benchmark.runs import load_run
+from benchmark.runs import load_run, replace_folder_atomically
 
 
 def test_top3_text_orders_by_probability():
     probs = np.array([[0.05, 0.6, 0.0, 0.3, 0.05, 0, 0, 0, 0, 0]])
     assert top3_text(probs) == ["1:0.600 3:0.300 0:0.050"]
+
+
+def test_replace_folder_atomically_keeps_the_old_folder_when_writing_fails(tmp_path):
+    final = tmp_path / "hardsets" / "x"
+    replace_folder_atomically(final, lambda folder: (folder / "items.csv").write_text("old"))
+
+    def crash(folder):
+        (folder / "items.csv").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        replace_folder_atomically(final, crash)
+    assert (final / "items.csv").read_text() == "old"
+    replace_folder_atomically(final, lambda folder: (folder / "items.csv").write_text("new"))
+    assert (final / "items.csv").read_text() == "new"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["x"]  # no staging or old folder left behind
 
 
 def test_union_and_intersection(tmp_path, fabricate_run):
