@@ -6,6 +6,7 @@ User errors (`BenchError`) end as one line on stderr and exit code 2, never a tr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -63,6 +64,8 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
           batch_size: Optional[int] = typer.Option(None, help="Batch size (default: the model's)."),
           labels: Optional[int] = typer.Option(None, help="Use only N labelled fit images (class-balanced, seeded)."),
           glimpses: Optional[int] = typer.Option(None, help="glimpse model: number of glimpses K (default 25)."),
+          model_option: List[str] = typer.Option([], "--set", help="Model option KEY=VALUE, repeatable (e.g. "
+                                                 "--set pool=max for softorder); names the run unless --name."),
           train_subset: Optional[int] = typer.Option(None, help="Use only the first N fit images (smoke tests)."),
           device: str = typer.Option("auto", help="auto, cpu or cuda."),
           name: Optional[str] = typer.Option(None, help="Run name (default: <model>-s<seed>, plus -l<labels>)."),
@@ -74,6 +77,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     from benchmark.data import load_mnist
     from benchmark.runs import machine_description, save_run, versions
     from benchmark.train import pick_device, resolve_config, train_model
+    from models.registry import parse_model_options
 
     if glimpses is not None and model != "glimpse":
         raise BenchError(f"--glimpses applies to the glimpse model only, not {model}")
@@ -82,12 +86,18 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
                              train_subset=train_subset)
     except KeyError as exc:
         raise BenchError(str(exc.args[0])) from None
+    try:
+        options = parse_model_options(model, model_option)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
     if glimpses is not None:
-        cfg.model_kwargs = {**cfg.model_kwargs, "glimpses": glimpses}
+        options["glimpses"] = glimpses
+    cfg.model_kwargs = {**cfg.model_kwargs, **options}
     ws = workspace_path(workspace)
     torch_device = pick_device(device)
     mnist = load_mnist(data_dir, ws)
-    run_name = name or (f"{model}" + (f"-k{glimpses}" if glimpses else "") + f"-s{seed}"
+    run_name = name or (f"{model}" + (f"-k{glimpses}" if glimpses else "")
+                        + "".join("-" + re.sub(r"[^\w.-]", "", item) for item in model_option) + f"-s{seed}"
                         + (f"-l{labels}" if labels else ""))
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
     result = train_model(model, cfg, mnist, seed, torch_device)

@@ -11,6 +11,8 @@ logits (the glimpse net trains every step's prediction).
 
 from __future__ import annotations
 
+import ast
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,3 +56,24 @@ def create_model(name: str, **model_kwargs) -> nn.Module:
 def parameter_count(model: nn.Module) -> int:
     """Trainable parameters (a mean teacher's moving-average copy is not counted twice)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parse_model_options(name: str, items: list[str]) -> dict:
+    """`KEY=VALUE` strings -> builder keyword arguments for model `name`, checked against its signature.
+
+    VALUE is read as a Python literal when it is one (2, 0.5, True, (3, 12)), else kept as a string
+    (pool=max). Raises ValueError naming the bad item and the options the builder accepts.
+    """
+    accepted = list(inspect.signature(get_entry(name).builder).parameters)
+    options = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"model option {item!r} is not KEY=VALUE (for example pool=max)")
+        if key not in accepted:
+            raise ValueError(f"model {name} has no option {key!r}; it accepts: {', '.join(accepted) or 'none'}")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options

@@ -83,3 +83,30 @@ def test_glimpses_option_only_for_the_glimpse_model(tmp_path):
     result = CliRunner().invoke(app, ["train", "--model", "mlp", "--glimpses", "2", "--workspace", str(tmp_path)])
     assert result.exit_code == 2
     assert "--glimpses applies to the glimpse model only" in result.output
+
+
+def test_model_options_are_checked_against_the_builder(tmp_path):
+    from models.registry import parse_model_options
+
+    assert parse_model_options("softorder", ["pool=max", "bins=4", "ink_threshold=0.2"]) == \
+        {"pool": "max", "bins": 4, "ink_threshold": 0.2}
+    result = CliRunner().invoke(app, ["train", "--model", "softorder", "--set", "pooling=max",
+                                      "--workspace", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "model softorder has no option 'pooling'; it accepts: points, pool, bins" in result.output
+    result = CliRunner().invoke(app, ["train", "--model", "softorder", "--set", "max", "--workspace", str(tmp_path)])
+    assert result.exit_code == 2 and "is not KEY=VALUE" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_option_reaches_the_model_and_names_the_run(tmp_path, mnist_dir):
+    result = CliRunner().invoke(app, ["train", "--model", "softorder", "--set", "pool=max", "--epochs", "1",
+                                      "--train-subset", "256", "--data-dir", str(mnist_dir),
+                                      "--workspace", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "runs" / "softorder-poolmax-s0" / "meta.json").read_text())
+    assert meta["config"]["model_kwargs"] == {"pool": "max"}
+    from benchmark.runs import load_model, load_run
+
+    model = load_model(load_run(tmp_path, "softorder-poolmax-s0"))
+    assert model.pool is None  # the PointNet max, not the histogram
