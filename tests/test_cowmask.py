@@ -87,3 +87,18 @@ def test_semi_supervised_loop_uses_unlabelled_images(mnist, tmp_path):
     with pytest.raises(BenchError, match="semi-supervised: give --labels"):
         no_labels = dataclasses.replace(resolve_config("cowmask", epochs=1), labels=None)
         train_model("cowmask", no_labels, mnist, 0, torch.device("cpu"), show_progress=False)
+
+
+@pytest.mark.parametrize("mode", ["mix", "erase"])
+def test_an_unsure_teacher_adds_no_consistency_and_the_weight_ramps_up(mode):
+    torch.manual_seed(0)
+    model = create_model("cowmask", mode=mode, rampup_steps=10)
+    x, y, unlabelled = torch.rand(8, 1, 28, 28), torch.arange(8) % 10, torch.rand(8, 1, 28, 28)
+    for p in model.teacher.parameters():  # a teacher of zeros answers uniformly: never confident
+        p.data.zero_()
+    supervised = model.training_loss(x, y, 0.0)
+    assert torch.allclose(model.training_loss(x, y, 0.0, unlabelled), supervised)
+    assert model.consistency_ramp() == pytest.approx(torch.exp(torch.tensor(-5.0)).item())
+    for _ in range(10):
+        model.steps_taken += 1
+    assert model.consistency_ramp() == 1.0
