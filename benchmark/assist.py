@@ -208,7 +208,7 @@ def run_assist(workspace: Path, run_name: str, generator_name: str, data_dir: Pa
     Returns (the assist.json content, its folder).
     """
     from benchmark.data import load_mnist
-    from benchmark.runs import load_model, load_run
+    from benchmark.runs import load_model, load_run, replace_folder_atomically
 
     start = time.perf_counter()
     classifier, generator_run = load_run(workspace, run_name), load_run(workspace, generator_name)
@@ -234,8 +234,9 @@ def run_assist(workspace: Path, run_name: str, generator_name: str, data_dir: Pa
               "generator_alone": {"test_errors": int((generator_run.test_predictions != mnist.test_labels).sum()),
                                   "test_size": len(mnist.test_labels)},
               "seconds": round(time.perf_counter() - start, 1)}
-    folder = workspace / "assist" / run_name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "assist.json").write_text(json.dumps(result, indent=2))
-    table.to_csv(folder / "assist.csv", index=False)
-    return result, folder
+
+    def write(folder: Path) -> None:
+        (folder / "assist.json").write_text(json.dumps(result, indent=2))
+        table.to_csv(folder / "assist.csv", index=False)
+
+    return result, replace_folder_atomically(workspace / "assist" / run_name, write)
