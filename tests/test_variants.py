@@ -32,14 +32,6 @@ def fabricated_digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
     return ((noisy - 0.6) * 3).clamp(0, 1), labels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name,kwargs", [(n, k) for n, ks in VARIANTS.items() for k in ks])
 def test_variant_maps_images_to_logits(name, kwargs):
     model = create_model(name, **kwargs).eval()
