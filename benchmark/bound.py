@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -631,17 +632,26 @@ def run_bound(mnist, subset: str, out: Path, device: str = "cpu", benchmark: boo
             "note": "speedup: wall-clock (the naive loop on one thread, the search on all); speedup_cpu: "
                     "CPU seconds, which does not credit the search's threads and is less sensitive to load"}
 
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "pairs.npy", counts.pairs)
+    # Write everything into a staging folder first, then move file by file into `out` (each move atomic,
+    # summary.json last): an interrupted run never leaves a half-written file, and other files in a
+    # user-chosen --out folder are left alone.
+    staging = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    np.save(staging / "pairs.npy", counts.pairs)
     rows, cols = np.triu_indices(len(counts.pairs), 1)
     values = counts.pairs[rows, cols]
     top = np.lexsort((cols, rows, -values))[:cfg.top_pairs]  # by count, ties to the lowest (a, b)
     pd.DataFrame({"rank": np.arange(1, len(top) + 1), "a": rows[top], "b": cols[top],
                   "a_row": rows[top] // SIDE, "a_col": rows[top] % SIDE, "b_row": cols[top] // SIDE,
                   "b_col": cols[top] % SIDE, "correct": values[top],
-                  "accuracy": values[top] / total}).to_csv(out / "top100_pairs.csv", index=False)
-    _heatmap(counts.pairs, (a, b), total, subset, out / "heatmap.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+                  "accuracy": values[top] / total}).to_csv(staging / "top100_pairs.csv", index=False)
+    _heatmap(counts.pairs, (a, b), total, subset, staging / "heatmap.png")
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("pairs.npy", "top100_pairs.csv", "heatmap.png", "summary.json"):
+        os.replace(staging / name, out / name)
+    staging.rmdir()
     return summary
 
 

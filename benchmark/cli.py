@@ -86,19 +86,19 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
                              train_subset=train_subset)
     except KeyError as exc:
         raise BenchError(str(exc.args[0])) from None
+    if glimpses is not None:  # the same as --set glimpses=K, and named the same
+        model_option = [*model_option, f"glimpses={glimpses}"]
     try:
         options = parse_model_options(model, model_option)
     except ValueError as exc:
         raise BenchError(str(exc)) from None
-    if glimpses is not None:
-        options["glimpses"] = glimpses
     cfg.model_kwargs = {**cfg.model_kwargs, **options}
     ws = workspace_path(workspace)
     torch_device = pick_device(device)
     mnist = load_mnist(data_dir, ws)
-    run_name = name or (f"{model}" + (f"-k{glimpses}" if glimpses else "")
-                        + "".join("-" + re.sub(r"[^\w.-]", "", item) for item in model_option) + f"-s{seed}"
-                        + (f"-l{labels}" if labels else ""))
+    run_name = name or (model + "".join(f"-k{value}" if key == "glimpses" else "-" + re.sub(r"[^\w.-]", "", f"{key}{value}")
+                                        for key, value in options.items())
+                        + f"-s{seed}" + (f"-l{labels}" if labels else ""))
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
     result = train_model(model, cfg, mnist, seed, torch_device)
     val_labels = mnist.train_labels[result.val_indices]

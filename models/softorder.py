@@ -127,7 +127,13 @@ class SoftOrder(nn.Module):
         self.embed = PointEmbedding(hidden, features)
         self.pool = SoftHistogram(features, bins) if pool == "hist" else None
         pooled = features * bins if pool == "hist" else features
-        self.head = nn.Sequential(nn.LayerNorm(pooled), nn.Linear(pooled, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+        # Histogram bins differ in scale by orders of magnitude: the share of points in a bin where most
+        # points fall is near 1, in a bin that only a stroke at one place reaches it is ~1 / P. So each pooled
+        # number is standardised on its own (BatchNorm; a LayerNorm over the whole vector left the rare bins
+        # tiny: 365 against 214 validation errors in a 3-epoch probe on 20,000 images). Max-pooled features
+        # share one scale and keep a LayerNorm.
+        norm = nn.BatchNorm1d(pooled) if pool == "hist" else nn.LayerNorm(pooled)
+        self.head = nn.Sequential(norm, nn.Linear(pooled, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
     def forward_points(self, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Point sets (B, P, 3) as (row, col, grey), validity mask (B, P) -> logits (B, 10).

@@ -149,6 +149,8 @@ def heldout_pair_reference(fit_x, fit_y, score_x, score_y, a, b):
 
 @pytest.mark.slow
 def test_cli_writes_summary_matching_the_search(mnist, mnist_dir, tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")  # a user's file in --out must survive
     result = CliRunner().invoke(app, ["bound", "--subset", "test", "--out", str(tmp_path / "b"), "--device", "cpu",
                                       "--data-dir", str(mnist_dir), "--workspace", str(tmp_path / "ws")])
     assert result.exit_code == 0, result.output
@@ -167,6 +169,8 @@ def test_cli_writes_summary_matching_the_search(mnist, mnist_dir, tmp_path):
     top = (tmp_path / "b" / "top100_pairs.csv").read_text().splitlines()
     assert len(top) == 101 and top[1].startswith(f"1,{a},{b},")
     assert (tmp_path / "b" / "heatmap.png").stat().st_size > 0
+    assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no staging folder left behind
     # held-out figures: each reported pair's numbers against the plain definition
     train_x, train_y = mnist.train_images, mnist.train_labels
     by_pixel = np.ascontiguousarray(train_x.reshape(len(train_x), -1).T)

@@ -110,3 +110,13 @@ def test_model_option_reaches_the_model_and_names_the_run(tmp_path, mnist_dir):
 
     model = load_model(load_run(tmp_path, "softorder-poolmax-s0"))
     assert model.pool is None  # the PointNet max, not the histogram
+
+
+def test_glimpses_flag_and_set_option_train_the_same_named_run(tmp_path, mnist_dir):
+    common = ["train", "--model", "glimpse", "--epochs", "1", "--train-subset", "64", "--data-dir", str(mnist_dir)]
+    for how, ws in ((["--glimpses", "2"], tmp_path / "flag"), (["--set", "glimpses=2"], tmp_path / "set")):
+        result = CliRunner().invoke(app, [*common, *how, "--workspace", str(ws)])
+        assert result.exit_code == 0, result.output
+        assert [p.name for p in (ws / "runs").iterdir()] == ["glimpse-k2-s0"]
+        meta = json.loads((ws / "runs" / "glimpse-k2-s0" / "meta.json").read_text())
+        assert meta["config"]["model_kwargs"]["glimpses"] == 2 and len(meta["step_accuracy"]) == 2
