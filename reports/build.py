@@ -307,16 +307,19 @@ def bounds_section(ws: Workspace) -> Section:
         section.blocks += [Picture(f"heatmap_{b.summary.get('subset')}", b.heatmap_png,
                                    f"Heatmap of subset {b.summary.get('subset')} (bound/{b.summary.get('subset')}"
                                    f"/heatmap.png).", None) for b in ws.bounds if b.heatmap_png]
-    curves = pd.DataFrame([{"run": run.name, "step": step, "accuracy": accuracy} for run in ws.runs
-                           for step, accuracy in enumerate(run.meta.get("step_accuracy") or [], start=1)],
+    # each glimpse run twice: reading bilinearly at its coordinates, and at the nearest pixels
+    curves = pd.DataFrame([{"run": run.name + suffix, "step": step, "accuracy": accuracy} for run in ws.runs
+                           for key, suffix in (("step_accuracy", ""), ("step_accuracy_rounded", " (rounded)"))
+                           for step, accuracy in enumerate(run.meta.get(key) or [], start=1)],
                           columns=["run", "step", "accuracy"])
     if curves.empty:
         section.blocks.append(NotRun("no glimpse model run (a run whose meta.json records step_accuracy)",
                                      COMMANDS["glimpse"]))
     else:
         section.blocks.append(Picture("glimpse_steps", figures.accuracy_per_step(curves, bounds),
-                                      "Test accuracy of each glimpse model after each step; dotted: best single "
-                                      "pixel, dashed: adaptive pair (accuracy = correct / total of the subset).",
+                                      "Test accuracy of each glimpse model after each step, read bilinearly "
+                                      "and rounded to pixels; dotted: best single pixel, dashed: adaptive pair "
+                                      "(in-sample bounds: accuracy = correct / total of the subset).",
                                       curves))
     return section
 

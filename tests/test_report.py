@@ -42,6 +42,7 @@ RUNS = {
     "glimpse-s0": ("glimpse", 0, {"model_kwargs": {"glimpses": 5}}, 300, 400),
 }
 STEP_ACCURACY = [0.30, 0.45, 0.80, 0.95, 0.97]
+STEP_ACCURACY_ROUNDED = [0.29, 0.44, 0.79, 0.95, 0.96]
 BOUND = {"subset": "all", "total": 70000, "best_pair": {"pixels": [350, 489], "correct": 34711},
          "best_single": {"pixel": 378, "correct": 20017}, "adaptive": {"first_pixel": 378, "correct": 40123},
          "heldout": {"pair": {"fit_correct": 30000, "test_correct": 4711}}, "seconds": 12.5}
@@ -88,6 +89,7 @@ def fabricated(tmp_path_factory):
                 "val_errors": val_errors, "val_size": 5000, "test_errors": n_wrong, "test_size": N_TEST}
         if model == "glimpse":
             meta["step_accuracy"] = STEP_ACCURACY
+            meta["step_accuracy_rounded"] = STEP_ACCURACY_ROUNDED
         save_run(ws, name, meta, probabilities(labels, wrong[name], rng))
     images = rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8)
     _, items = write_hardset(ws, HARDSET, [load_run(ws, "mlp-s0"), load_run(ws, "cnn-s0")], "union",
@@ -255,7 +257,9 @@ def test_assist_and_bounds(fabricated):
     heldout = pd.read_csv(report / "bounds_heldout.csv")
     assert heldout.set_index("figure").loc["pair.test_correct", "value"] == 4711
     steps = pd.read_csv(report / "glimpse_steps.csv")
-    assert steps["accuracy"].tolist() == STEP_ACCURACY and steps["step"].tolist() == [1, 2, 3, 4, 5]
+    assert steps["run"].tolist() == ["glimpse-s0"] * 5 + ["glimpse-s0 (rounded)"] * 5
+    assert steps["accuracy"].tolist() == STEP_ACCURACY + STEP_ACCURACY_ROUNDED
+    assert steps["step"].tolist() == [1, 2, 3, 4, 5] * 2
     page = html_path.read_text()
     assert "Not run yet" not in page  # every part has its artefacts
     for figure in ("confusion_test", "test_errors_by_model", "assist_tau_sweep", "glimpse_steps", "heatmap_all"):
