@@ -115,9 +115,14 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         from benchmark.train import to_float
         from models.glimpse import per_step_accuracy, plot_glimpse_paths
 
-        x_test = to_float(mnist.test_images)
+        x_test, x_val = to_float(mnist.test_images), to_float(mnist.train_images[result.val_indices])
         meta["step_accuracy"] = per_step_accuracy(result.model, x_test, mnist.test_labels)
         meta["step_accuracy_rounded"] = per_step_accuracy(result.model, x_test, mnist.test_labels, rounded=True)
+        # the same on the validation split, where choices such as the pull to pixel centres are made
+        meta["val_step_accuracy"] = per_step_accuracy(result.model, x_val, val_labels)
+        meta["val_step_accuracy_rounded"] = per_step_accuracy(result.model, x_val, val_labels, rounded=True)
+        console.print(f"validation after glimpse {len(meta['val_step_accuracy'])}: "
+                      f"{100 * meta['val_step_accuracy'][-1]:.2f}% (rounded {100 * meta['val_step_accuracy_rounded'][-1]:.2f}%)")
         for k, (smooth, rounded) in enumerate(zip(meta["step_accuracy"], meta["step_accuracy_rounded"]), 1):
             console.print(f"glimpse {k:2d}: test accuracy {100 * smooth:6.2f}% (rounded to pixels {100 * rounded:6.2f}%)")
     path = save_run(ws, run_name, meta, result.test_probs, result.val_probs, result.model.state_dict())

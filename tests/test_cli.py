@@ -119,4 +119,5 @@ def test_glimpses_flag_and_set_option_train_the_same_named_run(tmp_path, mnist_d
         assert result.exit_code == 0, result.output
         assert [p.name for p in (ws / "runs").iterdir()] == ["glimpse-k2-s0"]
         meta = json.loads((ws / "runs" / "glimpse-k2-s0" / "meta.json").read_text())
-        assert meta["config"]["model_kwargs"]["glimpses"] == 2 and len(meta["step_accuracy"]) == 2
+        assert meta["config"]["model_kwargs"]["glimpses"] == 2
+        assert len(meta["step_accuracy"]) == len(meta["val_step_accuracy_rounded"]) == 2
