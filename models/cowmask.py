@@ -9,7 +9,8 @@ teacher under a CowMask perturbation:
   erase: the student sees the image with the masked-out pixels set to 0 (the MNIST background); the teacher
          sees the clean image; only images the teacher is confident about (max prob >= `confidence`) count.
   mix:   two unlabelled images are combined through the mask, x = m * a + (1 - m) * b; the target is the
-         teacher's probabilities mixed in the same proportion, p = mean(m) * p(a) + (1 - mean(m)) * p(b);
+         teacher's probabilities mixed in proportion to the ink each image shows, p = s * p(a) + (1 - s) * p(b)
+         with s = sum(m * a) / (sum(m * a) + sum((1 - m) * b));
          only pairs where the teacher is confident about both images count.
 Consistency is the squared difference of probability vectors, weighted by `consistency_weight`, which ramps
 up over the first `rampup_steps` steps.
@@ -105,7 +106,12 @@ class MeanTeacher(nn.Module):
         else:
             partner = torch.roll(torch.arange(len(unlabelled), device=unlabelled.device), 1)
             mixed = masks * unlabelled + (1 - masks) * unlabelled[partner]
-            share = masks.mean((1, 2, 3))[:, None]  # the realised proportion of image a in the mix
+            # Image a's share of the mix is its share of the visible ink, not of the pixels: MNIST is mostly
+            # blank background, so a mask keeping half the pixels of a can keep almost none of its strokes.
+            # (With the pixel share, validation errors rose once the consistency weight was fully ramped up.)
+            ink_a = (masks * unlabelled).sum((1, 2, 3))
+            ink = ink_a + ((1 - masks) * unlabelled[partner]).sum((1, 2, 3))
+            share = torch.where(ink > 0, ink_a / ink.clamp(min=1e-12), masks.mean((1, 2, 3)))[:, None]
             target = share * teacher_probs + (1 - share) * teacher_probs[partner]
             per_image = ((F.softmax(self.student(mixed), dim=1) - target) ** 2).sum(1) * confident * confident[partner]
         return loss + self.consistency_ramp() * self.consistency_weight * per_image.mean()

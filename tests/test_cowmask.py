@@ -102,3 +102,32 @@ def test_an_unsure_teacher_adds_no_consistency_and_the_weight_ramps_up(mode):
     for _ in range(10):
         model.steps_taken += 1
     assert model.consistency_ramp() == 1.0
+
+
+def test_mix_target_follows_the_visible_ink_not_the_pixel_share():
+    """Both images have ink only on the left; the mask keeps the left of image a: the mix shows a alone."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = create_model("cowmask", mode="mix", confidence=0.0, rampup_steps=0, consistency_weight=1.0).eval()
+    left = torch.zeros(1, 1, 28, 28)
+    left[..., :14] = 1.0
+    model.sample_masks = lambda n, device: (left.expand(n, 1, 28, 28), torch.full((n,), 0.5))
+
+    class SureTeacher(torch.nn.Module):  # an untrained teacher answers almost alike for any image
+        def forward(self, images):
+            return torch.eye(10)[[3, 7]] * 20.0  # image a is surely a 3, image b surely a 7
+
+    model.teacher = SureTeacher()
+    unlabelled = torch.rand(2, 1, 28, 28) * left  # ink on the left half only
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    with torch.no_grad():
+        teacher = F.softmax(model.teacher(unlabelled), dim=1)
+        mixed = left * unlabelled  # a's left half + b's (blank) right half
+        student = F.softmax(model.student(mixed), dim=1)
+        supervised = F.cross_entropy(model.student(x), y)
+        loss = model.training_loss(x, y, 0.0, unlabelled)
+    expected = supervised + ((student - teacher) ** 2).sum(1).mean()  # share 1: the target is p(a)
+    pixel_share = supervised + ((student - (teacher + teacher.roll(1, 0)) / 2) ** 2).sum(1).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert (loss - pixel_share).abs() > 1e-3
