@@ -96,9 +96,9 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     ws = workspace_path(workspace)
     torch_device = pick_device(device)
     mnist = load_mnist(data_dir, ws)
-    run_name = name or (model + "".join(f"-k{value}" if key == "glimpses" else "-" + re.sub(r"[^\w.-]", "", f"{key}{value}")
-                                        for key, value in options.items())
-                        + f"-s{seed}" + (f"-l{labels}" if labels else ""))
+    option_tags = "".join(f"-k{value}" if key == "glimpses" else "-" + re.sub(r"[^\w.-]", "", f"{key}{value}")
+                          for key, value in options.items())  # glimpses=2 -> -k2, pool=max -> -poolmax
+    run_name = name or f"{model}{option_tags}-s{seed}" + (f"-l{labels}" if labels else "")
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
     result = train_model(model, cfg, mnist, seed, torch_device)
     val_labels = mnist.train_labels[result.val_indices]
@@ -122,7 +122,8 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         meta["val_step_accuracy"] = per_step_accuracy(result.model, x_val, val_labels)
         meta["val_step_accuracy_rounded"] = per_step_accuracy(result.model, x_val, val_labels, rounded=True)
         console.print(f"validation after glimpse {len(meta['val_step_accuracy'])}: "
-                      f"{100 * meta['val_step_accuracy'][-1]:.2f}% (rounded {100 * meta['val_step_accuracy_rounded'][-1]:.2f}%)")
+                      f"{100 * meta['val_step_accuracy'][-1]:.2f}% "
+                      f"(rounded {100 * meta['val_step_accuracy_rounded'][-1]:.2f}%)")
         for k, (smooth, rounded) in enumerate(zip(meta["step_accuracy"], meta["step_accuracy_rounded"]), 1):
             console.print(f"glimpse {k:2d}: test accuracy {100 * smooth:6.2f}% (rounded to pixels {100 * rounded:6.2f}%)")
     path = save_run(ws, run_name, meta, result.test_probs, result.val_probs, result.model.state_dict())

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmark.errors import BenchError
 from benchmark.train import make_optimizer, resolve_config, train_model
@@ -106,8 +107,6 @@ def test_an_unsure_teacher_adds_no_consistency_and_the_weight_ramps_up(mode):
 
 def test_mix_target_follows_the_visible_ink_not_the_pixel_share():
     """Both images have ink only on the left; the mask keeps the left of image a: the mix shows a alone."""
-    import torch.nn.functional as F
-
     torch.manual_seed(0)
     model = create_model("cowmask", mode="mix", confidence=0.0, rampup_steps=0, consistency_weight=1.0).eval()
     left = torch.zeros(1, 1, 28, 28)
