@@ -35,10 +35,13 @@ with np.bincount (~2 ms a pair, ~11 minutes for 306,936 pairs). Here most grey l
              (which the same walk counts), best label, summed over g;
     Z[a, b]  the cell (0, 0): inclusion-exclusion, n - A[a] - A[b] + AB[a, b] per label, where A counts
              images with a non-zero pixel and AB with both non-zero (also from the walk).
-The same per-(a, g) tables give the adaptive bound (best b per g) and score held-out images. The walk is a
-numba kernel, parallel over first pixels a with per-thread scratch. It is memory-bound, so it counts one
-block of 32 second pixels at a time in a table that stays in the L2 cache, keeps every cell's label
-maximum as it goes and clears only the cells it touched, without data-dependent branches in the hot loop.
+The same per-(a, g) counts give the adaptive bound (best b per g) and score held-out images. The walk is a
+numba kernel, parallel over first pixels a with per-thread scratch. Its table has one 64-bit word per cell
+(b, gb), indexed by the sparse row entry itself, holding the cell's best label count and the count of the
+label being walked (each group's images come label by label). A word written by another group reads as
+empty, so the table is never cleared, and since a cell's maximum grows by one exactly when the current
+label's count passes it, each pixel's sum of cell maxima is kept up to date step by step: one read-modify-
+write per step, no second pass over the cells.
 With CUDA, a torch path (batched bincount) computes the in-sample counts with identical results.
 
 Outputs of `run_bound` in the output folder: summary.json, pairs.npy (784 x 784 int64, symmetric, diagonal =
@@ -61,8 +64,12 @@ from numba import njit, prange
 
 SUBSETS = ("all", "train", "test")
 LEVELS = 256  # grey levels of a uint8 pixel
-BLOCK = 32  # second pixels per pass: one bit each in a uint64 mask; the pass's count table stays in L2
-SLOTS = 16  # per cell: up to 15 label counts and their maximum, 32 bytes
+MAX_LABELS = 16  # a cell word keeps its best label in 4 bits
+# A cell word (uint64) of the walk's table: which run last wrote it, the best label and its count so far in
+# the group, and the count of the current run's label.
+RUN_SHIFT, LABEL_SHIFT, BEST_SHIFT = 40, 36, 18
+COUNT_MASK = (1 << 18) - 1  # counts up to 262,143 images
+MAX_RUN = 1 << 24  # runs are numbered (a * 256 + g + 1) * 16 + label, so P * 256 * 16 must stay below this
 # bit index of a uint64 with one bit set, from the top 6 bits of its product with a de Bruijn constant
 DE_BRUIJN = np.array([0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36, 53, 51, 43, 22,
                       45, 39, 33, 30, 24, 18, 12, 5, 63, 47, 56, 27, 60, 41, 37, 16, 54, 35, 52, 21, 44, 32, 23,
@@ -99,65 +106,39 @@ class PairCounts:
 
 
 @njit(cache=True)
-def _sparse_layout(images, is_score):
+def _sparse_layout(images, labels, is_score, n_labels):
     """Both sparse views of the non-zero pixels of uint8 images (N, P).
 
-    Row view: image i's non-zero pixels, ascending, are row_ent[row_blk[i, 0]:row_blk[i, K]], those of pixel
-    block k (pixels k * BLOCK ...) from row_blk[i, k]; each entry uint16 (pixel % BLOCK) << 8 | grey.
-    row_blk is (N, K + 1) with K = ceil(P / BLOCK).
-    Column view (per pixel, sorted by grey level, then fitted before scored images, then image index):
-    col_ptr (P + 1,), col_img (nnz,), col_val (nnz,). Counting sorts, O(N * P).
+    Row view: image i's non-zero pixels, ascending, are row_ent[row_ptr[i]:row_ptr[i + 1]], each uint32
+    pixel << 8 | grey, which is also the index of its cell (pixel, grey) in the walk's table.
+    Column view: col_img (nnz,) int32 image indices bucketed by (pixel, grey, scored, label); bucket
+    k = ((pixel * 256 + grey) * 2 + scored) * n_labels + label holds col_img[col_ptr[k]:col_ptr[k + 1]].
+    Counting sorts, O(N * P).
     """
     n, p = images.shape
-    n_blocks = (p + BLOCK - 1) // BLOCK
-    row_blk = np.zeros((n, n_blocks + 1), np.int64)
-    bucket = np.zeros(p * LEVELS * 2 + 1, np.int64)  # bucket (pixel, grey, scored) -> start
-    nnz = 0
+    row_ptr = np.zeros(n + 1, np.int64)
+    bucket = np.zeros(p * LEVELS * 2 * n_labels + 1, np.int64)
     for i in range(n):
         for j in range(p):
-            if j % BLOCK == 0:
-                row_blk[i, j // BLOCK] = nnz
             v = images[i, j]
             if v != 0:
-                nnz += 1
-                bucket[(j * LEVELS + v) * 2 + is_score[i] + 1] += 1
-        row_blk[i, n_blocks] = nnz
-    bucket = np.cumsum(bucket)
-    row_ent = np.empty(nnz, np.uint16)
-    col_img = np.empty(nnz, np.int32)
-    col_val = np.empty(nnz, np.uint8)
-    col_fill = bucket[:-1].copy()
+                bucket[((j * LEVELS + v) * 2 + is_score[i]) * n_labels + labels[i] + 1] += 1
+        row_ptr[i + 1] = row_ptr[i] + np.count_nonzero(images[i])
+    col_ptr = np.cumsum(bucket)
+    row_ent = np.empty(row_ptr[n], np.uint32)
+    col_img = np.empty(row_ptr[n], np.int32)
+    fill = col_ptr[:-1].copy()
     q = 0
     for i in range(n):
         for j in range(p):
             v = images[i, j]
             if v != 0:
-                row_ent[q] = ((j % BLOCK) << 8) | v
+                row_ent[q] = (j << 8) | v
                 q += 1
-                c = (j * LEVELS + v) * 2 + is_score[i]
-                col_img[col_fill[c]] = i
-                col_val[col_fill[c]] = v
-                col_fill[c] += 1
-    col_ptr = bucket[:: LEVELS * 2].copy()
-    return row_blk, row_ent, col_ptr, col_img, col_val
-
-
-@njit(cache=True)
-def _walk_sizes(row_blk, col_ptr, col_img, col_val):
-    """Steps of the walk: per first pixel a (P,) int64, and the most in any one group (a, g)."""
-    n_pixels = col_ptr.shape[0] - 1
-    work = np.zeros(n_pixels, np.int64)
-    largest = 0
-    for a in range(n_pixels):
-        group = 0
-        for j in range(col_ptr[a], col_ptr[a + 1]):
-            if j > col_ptr[a] and col_val[j] != col_val[j - 1]:
-                group = 0
-            i = col_img[j]
-            group += row_blk[i, -1] - row_blk[i, 0]
-            work[a] += row_blk[i, -1] - row_blk[i, 0]
-            largest = max(largest, group)
-    return work, largest
+                k = ((j * LEVELS + v) * 2 + is_score[i]) * n_labels + labels[i]
+                col_img[fill[k]] = i
+                fill[k] += 1
+    return row_ptr, row_ent, col_ptr, col_img
 
 
 @njit(cache=True)
@@ -187,92 +168,49 @@ def _fallback(row_major, first, g_first, other, g_other):
     return row_major[first, g_first] if first < other else row_major[other, g_other]
 
 
-@njit(cache=True)
-def _stage_group(images, row_blk, row_ent, labels, is_score, stage, block_start, gcount_fit, gcount_score):
-    """Copy the non-zero entries of `images` (one group, fitted images first) into `stage`, block by block.
-
-    Afterwards block k's entries are stage[block_start[k]:block_start[k + 1]], each uint32
-    grey | (b % BLOCK) << 8 | label << 14 | scored << 18, in image order; gcount_fit and gcount_score hold
-    the group's label counts. One sequential read per image row instead of one random visit per block.
-    """
-    n_blocks = row_blk.shape[1] - 1
-    gcount_fit[:] = 0
-    gcount_score[:] = 0
-    block_start[:] = 0
-    for i in images:
-        if is_score[i]:
-            gcount_score[labels[i]] += 1
-        else:
-            gcount_fit[labels[i]] += 1
-        for k in range(n_blocks):
-            block_start[k + 1] += row_blk[i, k + 1] - row_blk[i, k]
-    for k in range(n_blocks):
-        block_start[k + 1] += block_start[k]
-    for i in images:
-        tag = np.uint32(labels[i] << 14 | np.int64(is_score[i]) << 18)
-        for k in range(n_blocks):
-            put = block_start[k]
-            for q in range(row_blk[i, k], row_blk[i, k + 1]):
-                stage[put] = np.uint32(row_ent[q]) | tag
-                put += 1
-            block_start[k] = put
-    for k in range(n_blocks - 1, 0, -1):  # placing moved each start to the next block's start
-        block_start[k] = block_start[k - 1]
-    block_start[0] = 0
-
-
 @njit(parallel=True, cache=True)
-def _scan_pixels(pixels, row_blk, row_ent, col_ptr, col_img, col_val, labels, is_score, row_major,
+def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, n_labels, row_major,
                  fit_y, fit_d, fit_ab, group_best, held_y, held_d, score_ab,
-                 hist, hist_words, cell_list, staged, csum, nzl_fit, nzl_score):
+                 table, nzl_fit, nzl_score, seen_words, csum):
     """For each first pixel a in `pixels`, walk the images with a != 0, one grey level g of a at a time.
 
     Writes rows a of: fit_y, fit_d (P, P) (the Y and D terms of the fitted images, module docstring),
-    fit_ab (P, P, SLOTS) (fitted images with a and b non-zero, per label), group_best (P, 256) (per non-zero
-    grey g of a, the best single-pixel count of a second pixel on the images with a == g), held_y, held_d
-    (P, P) and score_ab (P, P, SLOTS) (the same for scored images, answered by the fitted tables). Rows of
-    different a are independent, so threads write disjoint memory.
+    fit_ab (P, P, L) (fitted images with a and b non-zero, per label), group_best (P, 256) (per
+    non-zero grey g of a, the best single-pixel count of a second pixel on the images with a == g), held_y,
+    held_d (P, P) and score_ab (P, P, L) (the same for scored images, answered by the fitted
+    tables). Rows of different a are independent, so threads write disjoint memory.
 
-    Per group (a, g) the images' non-zero entries are first staged by pixel block (one sequential read per
-    image), then counted one block of BLOCK second pixels at a time, so the count table stays in the L2
-    cache. Scratch, one row per thread, zero on entry and on exit, pixels b counted from the block start:
-    hist (T, BLOCK * 256 * SLOTS): cell (gb, b) holds its label counts in slots 0..SLOTS-2 and their maximum
-    in slot SLOTS-1; grey-major, so the many strokes at grey 252..255 share cache lines. hist_words: the
-    same memory as uint64, to clear a cell in a few stores. cell_list (T, BLOCK * 256 + 1): the cell of
-    every step (listed without a branch, repeats included); staged (T, largest group's entries) the staged
-    entries, uint32 grey | b << 8 | label << 14 | scored << 18; csum (T, BLOCK) sum over cells of maxima;
-    nzl_fit, nzl_score (T, BLOCK * SLOTS) images with b != 0 per label. Which pixels b were seen is a 64-bit
-    mask. The counting loop has no data-dependent branch: on this data they mispredict often enough to
-    cost more than the counting itself.
+    A group (a, g) visits its fitted images label by label, then its scored images. Each non-zero pixel b
+    of an image is one step on the word of its cell (b, gb) in `table` (T, P * 256) uint64, indexed by the
+    row entry itself. The word holds the run that last wrote it (run = (a * 256 + g + 1) * 16 + label):
+    a word from another group reads as empty and one from an earlier label of this group restarts the
+    current count, so the table is never cleared. When the current label's count passes the cell's best,
+    the cell's maximum grew by one, so the pixel's sum of cell maxima grows by one: the sum is exact after
+    the last fitted image without a pass over the cells. Scored images read the cell's best label.
+    Other scratch, one row per thread: nzl_fit, nzl_score (T, P * L) images with b != 0 per label;
+    seen_words (T, ceil(P / 64)) bitmask of the pixels b the group showed; csum (T, P) sums of cell maxima.
     """
     n_pixels = fit_y.shape[0]
-    n_blocks = row_blk.shape[1] - 1
-    n_cells = BLOCK * LEVELS
-    top_slot = SLOTS - 1
-    words = SLOTS * hist.itemsize // 8
     for idx in prange(pixels.shape[0]):
         w = numba.get_thread_id()
-        counts, counts_words, cells, stage = hist[w], hist_words[w], cell_list[w], staged[w]
-        sums, nz_fit, nz_score = csum[w], nzl_fit[w], nzl_score[w]
+        cells, nz_fit, nz_score, seen, sums = table[w], nzl_fit[w], nzl_score[w], seen_words[w], csum[w]
         a = pixels[idx]
-        gcount_fit = np.zeros(SLOTS, np.int64)
-        gcount_score = np.zeros(SLOTS, np.int64)
-        t_cell = np.zeros(SLOTS, np.int64)
-        block_start = np.zeros(n_blocks + 1, np.int64)
+        gcount_fit = np.zeros(MAX_LABELS, np.int64)
+        gcount_score = np.zeros(MAX_LABELS, np.int64)
+        t_cell = np.zeros(MAX_LABELS, np.int64)
         d_base = 0  # D[a, b] of a pixel b no image of the group shows non-zero, summed over groups
         hd_base = 0
-        start, end = col_ptr[a], col_ptr[a + 1]
-        while start < end:
-            g = col_val[start]  # one group: the images with a == g (fitted ones first)
-            stop = start
-            while stop < end and col_val[stop] == g:
-                stop += 1
-            _stage_group(col_img[start:stop], row_blk, row_ent, labels, is_score, stage, block_start,
-                         gcount_fit, gcount_score)
+        for g in range(1, LEVELS):
+            k0 = (a * LEVELS + g) * 2 * n_labels  # the group's buckets: fitted by label, then scored by label
+            if col_ptr[k0] == col_ptr[k0 + 2 * n_labels]:
+                continue
+            for c in range(n_labels):
+                gcount_fit[c] = col_ptr[k0 + c + 1] - col_ptr[k0 + c]
+                gcount_score[c] = col_ptr[k0 + n_labels + c + 1] - col_ptr[k0 + n_labels + c]
             group_max = gcount_fit.max()
             n_fit = gcount_fit.sum()
             n_score = gcount_score.sum()
-            pred_all = _argmax(gcount_fit, 0, SLOTS)
+            pred_all = _argmax(gcount_fit, 0, n_labels)
             # A pixel b never non-zero in the group has a single cell (g, 0) holding the whole group: the
             # same value for every such b, added to all b below and corrected for the pixels seen.
             d_base += group_max
@@ -282,65 +220,70 @@ def _scan_pixels(pixels, row_blk, row_ent, col_ptr, col_img, col_val, labels, is
                 else:  # no fitted image has a == g: the answer is each pair's fallback, per b
                     for b in range(n_pixels):
                         held_d[a, b] += gcount_score[_fallback(row_major, a, g, b, 0)]
+            group_id = a * LEVELS + g + 1
+            for label in range(n_labels):
+                run = group_id * MAX_LABELS + label
+                for j in range(col_ptr[k0 + label], col_ptr[k0 + label + 1]):
+                    i = col_img[j]
+                    for q in range(row_ptr[i], row_ptr[i + 1]):
+                        e = np.int64(row_ent[q])
+                        word = np.int64(cells[e])
+                        last_run = word >> RUN_SHIFT
+                        same_group = (last_run >> 4) == group_id
+                        best = (word >> BEST_SHIFT) & COUNT_MASK if same_group else 0
+                        count = ((word & COUNT_MASK) if last_run == run else 0) + 1
+                        grew = count > best
+                        best = max(best, count)
+                        # ties keep the earlier (lower) label; only scored images read it
+                        best_label = label if grew else (word >> LABEL_SHIFT) & (MAX_LABELS - 1)
+                        cells[e] = np.uint64((run << RUN_SHIFT) | (best_label << LABEL_SHIFT)
+                                             | (best << BEST_SHIFT) | count)
+                        b = e >> 8
+                        sums[b] += grew
+                        nz_fit[b * n_labels + label] += 1
+                        seen[b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+            for label in range(n_labels):  # scored images: every fitted image of the group is counted
+                for j in range(col_ptr[k0 + n_labels + label], col_ptr[k0 + n_labels + label + 1]):
+                    i = col_img[j]
+                    for q in range(row_ptr[i], row_ptr[i + 1]):
+                        e = np.int64(row_ent[q])
+                        word = np.int64(cells[e])
+                        b = e >> 8
+                        if (word >> (RUN_SHIFT + 4)) == group_id:
+                            pred = (word >> LABEL_SHIFT) & (MAX_LABELS - 1)
+                        else:
+                            pred = _fallback(row_major, a, g, b, e & 255)
+                        held_y[a, b] += pred == label
+                        nz_score[b * n_labels + label] += 1
+                        seen[b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+            # Close the pixels b the group showed.
             best = group_max
-            for k in range(n_blocks):
-                b0 = k * BLOCK
-                seen = np.uint64(0)
-                n_steps = 0
-                for u in range(block_start[k], block_start[k + 1]):
-                    x = np.int64(stage[u])
-                    bl = (x >> 8) & (BLOCK - 1)
-                    label = (x >> 14) & (SLOTS - 1)
-                    cell = (x & 255) * BLOCK + bl
-                    base = cell * SLOTS
-                    seen |= np.uint64(1) << np.uint64(bl)
-                    if x >> 18:  # a scored image: all fitted images of the group are already counted
-                        pred = _argmax(counts, base, top_slot)
-                        if counts[base + top_slot] == 0:
-                            pred = _fallback(row_major, a, g, b0 + bl, x & 255)
-                        held_y[a, b0 + bl] += pred == label
-                        nz_score[bl * SLOTS + label] += 1
-                    else:
-                        h = counts[base + label] + 1
-                        counts[base + label] = h
-                        counts[base + top_slot] = max(counts[base + top_slot], h)
-                        cells[min(n_steps, n_cells)] = cell
-                        n_steps += 1
-                        nz_fit[bl * SLOTS + label] += 1
-                # Close the cells: add each cell's maximum to its pixel and clear the cell, so a cell
-                # listed again adds 0. Past n_cells steps, sweeping the whole table is cheaper.
-                sweep = n_steps > n_cells
-                for u in range(n_cells if sweep else n_steps):
-                    cell = u if sweep else cells[u]
-                    sums[cell & (BLOCK - 1)] += counts[cell * SLOTS + top_slot]
-                    for c in range(words):
-                        counts_words[cell * words + c] = 0
-                # Close the pixels b seen.
-                while seen:
-                    low = seen & (~seen + np.uint64(1))  # lowest set bit, found by a de Bruijn multiply
-                    bl = DE_BRUIJN[(low * np.uint64(0x03F79D71B4CB0A89)) >> np.uint64(58)]
-                    seen ^= low
-                    b = b0 + bl
+            for word_index in range(seen.shape[0]):
+                bits = seen[word_index]
+                seen[word_index] = 0
+                while bits:
+                    low = bits & (~bits + np.uint64(1))  # lowest set bit, found by a de Bruijn multiply
+                    b = word_index * 64 + DE_BRUIJN[(low * np.uint64(0x03F79D71B4CB0A89)) >> np.uint64(58)]
+                    bits ^= low
                     zero_max = 0  # best label count of the cell (g, 0): the group minus b != 0
-                    for c in range(SLOTS):
-                        t_cell[c] = gcount_fit[c] - nz_fit[bl * SLOTS + c]
+                    for c in range(n_labels):
+                        t_cell[c] = gcount_fit[c] - nz_fit[b * n_labels + c]
                         zero_max = max(zero_max, t_cell[c])
-                        fit_ab[a, b, c] += nz_fit[bl * SLOTS + c]
-                        nz_fit[bl * SLOTS + c] = 0
-                    fit_y[a, b] += sums[bl]
+                        fit_ab[a, b, c] += nz_fit[b * n_labels + c]
+                        nz_fit[b * n_labels + c] = 0
+                    fit_y[a, b] += sums[b]
                     fit_d[a, b] += zero_max - group_max
-                    best = max(best, sums[bl] + zero_max)
-                    sums[bl] = 0
+                    best = max(best, sums[b] + zero_max)
+                    sums[b] = 0
                     if n_score > 0:
                         untouched = pred_all if n_fit > 0 else _fallback(row_major, a, g, b, 0)
-                        pred = _argmax(t_cell, 0, SLOTS) if zero_max > 0 else _fallback(row_major, a, g, b, 0)
-                        held_d[a, b] += (gcount_score[pred] - nz_score[bl * SLOTS + pred]
+                        pred = _argmax(t_cell, 0, n_labels) if zero_max > 0 else _fallback(row_major, a, g, b, 0)
+                        held_d[a, b] += (gcount_score[pred] - nz_score[b * n_labels + pred]
                                          - gcount_score[untouched])
-                        for c in range(SLOTS):
-                            score_ab[a, b, c] += nz_score[bl * SLOTS + c]
-                            nz_score[bl * SLOTS + c] = 0
+                        for c in range(n_labels):
+                            score_ab[a, b, c] += nz_score[b * n_labels + c]
+                            nz_score[b * n_labels + c] = 0
             group_best[a, g] = best
-            start = stop
         for b in range(n_pixels):
             fit_d[a, b] += d_base
             held_d[a, b] += hd_base
@@ -386,9 +329,11 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     is_score = np.repeat(np.array([0, 1], np.uint8), [len(fit_labels), len(score_labels)])
     n_pixels = images.shape[1]
     n_labels = int(labels.max()) + 1 if len(labels) else 1
-    if n_labels > SLOTS - 1:
-        raise ValueError(f"labels must be below {SLOTS - 1}, got {n_labels - 1}")
-    row_blk, row_ent, col_ptr, col_img, col_val = _sparse_layout(images, is_score)
+    if n_labels > MAX_LABELS:
+        raise ValueError(f"labels must be below {MAX_LABELS}, got {n_labels - 1}")
+    if len(fit_labels) > COUNT_MASK or (n_pixels * LEVELS + 1) * MAX_LABELS >= MAX_RUN:
+        raise ValueError(f"at most {COUNT_MASK} fitted images and {MAX_RUN // MAX_LABELS // LEVELS - 1} pixels")
+    row_ptr, row_ent, col_ptr, col_img = _sparse_layout(images, labels, is_score, n_labels)
 
     fit_counts = _grey_label_counts(fit_images, fit_labels, n_labels)  # (P, 256, L)
     fit_per_label = fit_counts[0].sum(0)  # (L,)
@@ -396,18 +341,18 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     row_major = np.where(fit_counts.sum(2) > 0, fit_counts.argmax(2), fit_per_label.argmax())
 
     fit_y, fit_d, held_y, held_d = (np.zeros((n_pixels, n_pixels), np.int64) for _ in range(4))
-    fit_ab, score_ab = (np.zeros((n_pixels, n_pixels, SLOTS), np.int32) for _ in range(2))
+    fit_ab, score_ab = (np.zeros((n_pixels, n_pixels, n_labels), np.int32) for _ in range(2))
     group_best = np.zeros((n_pixels, LEVELS), np.int64)
     threads = numba.get_num_threads()
-    largest_group = fit_counts[:, 1:].sum(2).max(initial=0)  # bounds every count the table holds
-    hist = np.zeros((threads, BLOCK * LEVELS * SLOTS), np.uint16 if largest_group < 2**16 else np.uint32)
-    cell_list = np.zeros((threads, BLOCK * LEVELS + 1), np.int32)
-    csum = np.zeros((threads, BLOCK), np.int64)
-    nzl_fit, nzl_score = (np.zeros((threads, BLOCK * SLOTS), np.int32) for _ in range(2))
+    table = np.zeros((threads, n_pixels * LEVELS), np.uint64)
+    nzl_fit, nzl_score = (np.zeros((threads, n_pixels * n_labels), np.int32) for _ in range(2))
+    seen = np.zeros((threads, (n_pixels + 63) // 64), np.uint64)
+    csum = np.zeros((threads, n_pixels), np.int64)
 
-    # Heaviest first pixels first, one per scheduling chunk, so the threads finish together.
-    work, largest_steps = _walk_sizes(row_blk, col_ptr, col_img, col_val)
-    staged = np.zeros((threads, largest_steps), np.uint32)
+    # Heaviest first pixels first, one per scheduling chunk, so the threads finish together. The walk of
+    # first pixel a takes one step per non-zero pixel of every image with a != 0.
+    nnz = np.diff(row_ptr)
+    work = np.bincount(row_ent >> 8, weights=np.repeat(nnz, nnz), minlength=n_pixels).astype(np.int64)
     order = np.argsort(-work, kind="stable")
     # One kernel call per progress update; each parallel call costs a thread wake-up, so one without a bar.
     steps = [s for s in np.array_split(order, cfg.progress_steps if progress else 1) if len(s)]
@@ -418,15 +363,14 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     try:
         with _progress_bar(progress, work.sum()) as advance:
             for step in steps:
-                _scan_pixels(step, row_blk, row_ent, col_ptr, col_img, col_val, labels, is_score, row_major,
-                             fit_y, fit_d, fit_ab, group_best, held_y, held_d, score_ab, hist,
-                             hist.view(np.uint64), cell_list, staged, csum, nzl_fit, nzl_score)
+                _scan_pixels(step, row_ptr, row_ent, col_ptr, col_img, n_labels, row_major,
+                             fit_y, fit_d, fit_ab, group_best, held_y, held_d, score_ab,
+                             table, nzl_fit, nzl_score, seen, csum)
                 advance(work[step].sum())
     finally:
         numba.set_parallel_chunksize(old_chunksize)
         numba.set_num_threads(old_threads)
 
-    fit_ab, score_ab = fit_ab[:, :, :n_labels], score_ab[:, :, :n_labels]
     nonzero_fit = np.diagonal(fit_ab).T.astype(np.int64)  # (P, L): b = a is non-zero exactly when a is
     zero_zero = (fit_per_label - nonzero_fit[:, None, :] - nonzero_fit[None, :, :] + fit_ab)  # (P, P, L)
     z = zero_zero.max(2)

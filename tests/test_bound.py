@@ -99,9 +99,9 @@ def test_every_count_matches_brute_force(problem):
 
 
 @settings(max_examples=25, deadline=None)
-@given(problems(min_pixels=33, max_pixels=70))
-def test_every_count_matches_brute_force_across_pixel_blocks(problem):
-    """Wider images than one block of second pixels (32), so the per-block bookkeeping is exercised."""
+@given(problems(min_pixels=60, max_pixels=90))
+def test_every_count_matches_brute_force_across_bitmask_words(problem):
+    """Wider images than one 64-bit word of the seen-pixel mask, so pixels b >= 64 are closed too."""
     check_against_brute_force(problem)
 
 
@@ -190,3 +190,11 @@ def test_bad_options_give_one_line_error(tmp_path, args, message):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_labels_beyond_the_cell_word_are_refused():
+    """A cell word keeps its best label in 4 bits: label 16 must be refused, not silently wrapped to 0."""
+    images = np.array([[1, 2], [3, 4]], np.uint8)
+    with pytest.raises(ValueError, match="labels must be below 16"):
+        scan_pairs(images, np.array([0, 16]))
+    assert scan_pairs(images, np.array([0, 15])).pairs[0, 1] == 2
