@@ -82,7 +82,7 @@ class BoundConfig:
     naive_sample_pairs: int = 400  # pairs timed with the naive bincount for the extrapolation (~1 s)
     top_pairs: int = 100  # rows of top100_pairs.csv
     seed: int = 0  # which pairs the naive benchmark samples
-    progress_steps: int = 20  # kernel calls per search when a progress bar is shown
+    kernel_calls: int = 20  # the search's pixels in this many parallel calls (and progress bar updates)
     min_parallel_steps: int = 10_000_000  # smaller searches run on one thread
 
 
@@ -354,10 +354,12 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     nnz = np.diff(row_ptr)
     work = np.bincount(row_ent >> 8, weights=np.repeat(nnz, nnz), minlength=n_pixels).astype(np.int64)
     order = np.argsort(-work, kind="stable")
-    # One kernel call per progress update; each parallel call costs a thread wake-up, so one without a bar.
-    steps = [s for s in np.array_split(order, cfg.progress_steps if progress else 1) if len(s)]
-    old_chunksize, old_threads = numba.get_parallel_chunksize(), numba.get_num_threads()
-    numba.set_parallel_chunksize(1)
+    # Several kernel calls (one per progress update), each dealing its pixels to the threads round-robin:
+    # numba splits a prange into one contiguous block per thread, so one call over the sorted order would
+    # give one thread all the heavy pixels (measured: 2 threads, one call, as slow as one thread).
+    steps = [np.concatenate([s[t::threads] for t in range(threads)])
+             for s in np.array_split(order, cfg.kernel_calls) if len(s)]
+    old_threads = numba.get_num_threads()
     if work.sum() < cfg.min_parallel_steps:
         numba.set_num_threads(1)  # waking the other threads costs more than a small search
     try:
@@ -368,7 +370,6 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
                              table, nzl_fit, nzl_score, seen, csum)
                 advance(work[step].sum())
     finally:
-        numba.set_parallel_chunksize(old_chunksize)
         numba.set_num_threads(old_threads)
 
     nonzero_fit = np.diagonal(fit_ab).T.astype(np.int64)  # (P, L): b = a is non-zero exactly when a is
