@@ -20,8 +20,11 @@ What the runs on 1,000 labels showed (validation errors of 5,000 after each of 6
 ink-proportional mix target, 102 114 67 106 89 98. Every run is best
 around the end of the ramp and then gets worse, ending behind the supervised-only cnn on the same labels
 (73), so the consistency term as it stands hurts once at full weight. Erase mode at weight 10 was worse
-still (142, 363 after two epochs). Unexplored: a lower weight or a longer ramp, no batch-norm update
-from the perturbed batch, a stronger supervised schedule.
+still (142, 363 after two epochs). Keeping the mixed batch out of the student's batch-norm running
+averages (which the teacher copies and uses on clean images) did not fix it: 75 85 66 91 85 89. The
+final 89 against 98 is within one run's epoch-to-epoch spread, no clear gain, so the simpler code stays
+(that run made 195 test errors). Unexplored: a lower weight or a longer ramp, a stronger
+supervised schedule.
 
 CowMask (`cow_masks`): per-pixel Gaussian noise, smoothed by a Gaussian filter whose sigma is drawn
 log-uniformly per image, thresholded at that image's own quantile so exactly the requested proportion of

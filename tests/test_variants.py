@@ -215,3 +215,31 @@ def test_a_few_training_steps_reduce_the_loss(name, kwargs, steps):
         loss.backward()
         opt.step()
     assert full_loss() < 0.7 * before
+
+
+def test_exploring_glimpses_learn_by_reinforce_and_the_exploration_fades():
+    """With `explore`, the positions get a REINFORCE gradient (not the read slope) and sigma anneals to 0."""
+    model = create_model("glimpse", glimpses=3, explore=2.0, explore_steps=4).train()
+    x, y = fabricated_digits(32)
+    sigmas = [model.exploration()]
+    model.training_loss(x, y, 0.0).backward()
+    assert model.base.grad is not None and model.base.grad.abs().sum() > 0
+    for _ in range(4):
+        sigmas.append(model.exploration())
+        model.training_loss(x, y, 0.0)
+    assert sigmas == [2.0, 1.5, 1.0, 0.5, 0.0]
+    assert model.eval().exploration() == 0.0  # evaluation reads at the coordinates themselves
+
+
+def test_quantised_exploring_glimpses_sit_on_pixel_centres():
+    """With `quantise`, every coordinate the policy commits to is a pixel centre, so reading it bilinearly
+    or rounded gives the same grey levels, and the policy still learns (straight-through)."""
+    model = create_model("glimpse", glimpses=4, explore=2.0, quantise=True)
+    with torch.no_grad():
+        model.base.normal_(0, 3)  # start between pixels
+    x, y = fabricated_digits(16)
+    model.train().training_loss(x, y, 0.0).backward()
+    assert model.base.grad.abs().sum() > 0
+    paths = glimpse_paths(model, x)
+    assert torch.equal(paths, paths.round())
+    assert torch.equal(model.step_logits(x), model.step_logits(x, rounded=True))
