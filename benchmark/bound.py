@@ -69,7 +69,9 @@ MAX_LABELS = 16  # a cell word keeps its best label in 4 bits
 # the group, and the count of the current run's label.
 RUN_SHIFT, LABEL_SHIFT, BEST_SHIFT = 40, 36, 18
 COUNT_MASK = (1 << 18) - 1  # counts up to 262,143 images
-MAX_RUN = 1 << 24  # runs are numbered (a * 256 + g + 1) * 16 + label, so P * 256 * 16 must stay below this
+# runs are numbered (a * 256 + g + 1) * 16 + label; below 2^23 the word's top bit stays clear, so it reads as a
+# non-negative int64 in the kernel (this allows up to 2,047 pixels)
+MAX_RUN = 1 << 23
 # bit index of a uint64 with one bit set, from the top 6 bits of its product with a de Bruijn constant
 DE_BRUIJN = np.array([0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36, 53, 51, 43, 22,
                       45, 39, 33, 30, 24, 18, 12, 5, 63, 47, 56, 27, 60, 41, 37, 16, 54, 35, 52, 21, 44, 32, 23,

@@ -192,9 +192,14 @@ def test_bad_options_give_one_line_error(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
 
 
-def test_labels_beyond_the_cell_word_are_refused():
-    """A cell word keeps its best label in 4 bits: label 16 must be refused, not silently wrapped to 0."""
+def test_inputs_beyond_the_cell_word_are_refused():
+    """A cell word keeps its best label in 4 bits and its run number (from the pixel) in 23: label 16 or a
+    2,048th pixel must be refused, not silently wrapped."""
     images = np.array([[1, 2], [3, 4]], np.uint8)
     with pytest.raises(ValueError, match="labels must be below 16"):
         scan_pairs(images, np.array([0, 16]))
     assert scan_pairs(images, np.array([0, 15])).pairs[0, 1] == 2
+    with pytest.raises(ValueError, match="2047 pixels"):
+        scan_pairs(np.ones((2, 2048), np.uint8), np.array([0, 1]))
+    widest = scan_pairs(np.ones((3, 2047), np.uint8), np.array([0, 1, 1]))  # every cell holds labels 0, 1, 1
+    assert widest.pairs[0, 2046] == 2 and widest.adaptive[2046] == 2
