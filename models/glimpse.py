@@ -57,7 +57,9 @@ starts). K = 2, explore 2 px, move_scale 1, 15 epochs: the second glimpse now de
 coordinates end between pixels. Pulling them to centres after the exploration (snap 5, 20, 100) closed the
 gap only by losing the gain (33.4 %, 31.7 %, 31.4 % rounded). With `quantise` the policy commits to the pixel
 centre nearest its coordinate (rounded in the forward pass, straight-through for the REINFORCE gradient)
-and explores around it, so both readings are the same pixel by construction: K = 2 validation 35.68 %.
+and explores around it, so both readings are the same pixel by construction: K = 2 validation 35.68,
+31.04 and 36.98 % for seeds 0, 1 and 2 (the policy found depends on the seed); K = 25 83.50 %, worse than
+unquantised (90.40 % bilinear, 88.82 % rounded) and the default.
 """
 
 from __future__ import annotations
