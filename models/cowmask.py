@@ -23,8 +23,10 @@ around the end of the ramp and then gets worse, ending behind the supervised-onl
 still (142, 363 after two epochs). Keeping the mixed batch out of the student's batch-norm running
 averages (which the teacher copies and uses on clean images) did not fix it: 75 85 66 91 85 89. The
 final 89 against 98 is within one run's epoch-to-epoch spread, no clear gain, so the simpler code stays
-(that run made 195 test errors). Unexplored: a lower weight or a longer ramp, a stronger
-supervised schedule.
+(that run made 195 test errors). A ramp over the whole run (2,500 steps): 105 69 68 78 85 99; a
+stricter teacher (confidence 0.97): 116 95 85 107 100 105 - the same rise once the term is at full weight,
+and both final figures no better than the default's 98. Unexplored: a lower weight, a stronger supervised
+schedule, a confidence-weighted (not thresholded) target.
 
 CowMask (`cow_masks`): per-pixel Gaussian noise, smoothed by a Gaussian filter whose sigma is drawn
 log-uniformly per image, thresholded at that image's own quantile so exactly the requested proportion of
