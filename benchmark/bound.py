@@ -68,6 +68,7 @@ MAX_LABELS = 16  # a cell word keeps its best label in 4 bits
 # A cell word (uint64) of the walk's table: which run last wrote it, the best label and its count so far in
 # the group, and the count of the current run's label.
 RUN_SHIFT, LABEL_SHIFT, BEST_SHIFT = 40, 36, 18
+GROUP_SHIFT = RUN_SHIFT + 4  # a run is group * MAX_LABELS + label, so the group sits 4 bits above the run
 COUNT_MASK = (1 << 18) - 1  # counts up to 262,143 images
 # runs are numbered (a * 256 + g + 1) * 16 + label; below 2^23 the word's top bit stays clear, so it reads as a
 # non-negative int64 in the kernel (this allows up to 2,047 pixels)
@@ -231,7 +232,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, n_labels, row_major
                         e = np.int64(row_ent[q])
                         word = np.int64(cells[e])
                         last_run = word >> RUN_SHIFT
-                        same_group = (last_run >> 4) == group_id
+                        same_group = (word >> GROUP_SHIFT) == group_id
                         best = (word >> BEST_SHIFT) & COUNT_MASK if same_group else 0
                         count = ((word & COUNT_MASK) if last_run == run else 0) + 1
                         grew = count > best
@@ -251,7 +252,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, n_labels, row_major
                         e = np.int64(row_ent[q])
                         word = np.int64(cells[e])
                         b = e >> 8
-                        if (word >> (RUN_SHIFT + 4)) == group_id:
+                        if (word >> GROUP_SHIFT) == group_id:
                             pred = (word >> LABEL_SHIFT) & (MAX_LABELS - 1)
                         else:
                             pred = _fallback(row_major, a, g, b, e & 255)

@@ -130,8 +130,9 @@ class GlimpseNet(nn.Module):
         nn.init.zeros_(self.policy[-1].weight)
         nn.init.zeros_(self.policy[-1].bias)
 
-    def run(self, x: torch.Tensor, rounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 1, 28, 28) -> logits of every step (K, B, 10) and the glimpse coordinates (K, B, 2).
+    def run(self, x: torch.Tensor, rounded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images (B, 1, 28, 28) -> logits of every step (K, B, 10), the glimpse coordinates (K, B, 2) and,
+        when training with exploration, the (scaled) log-likelihood of each explored sample (K, B), else None.
 
         The coordinates are the continuous ones the policy chose. Training and `rounded` read (and embed)
         the pixel nearest to each; evaluation without `rounded` reads the bilinear blend at the coordinate
@@ -170,9 +171,8 @@ class GlimpseNet(nn.Module):
             probs = F.softmax(logits, dim=1)
             all_logits.append(logits)
             all_coords.append(coords)
-        if all_logp:
-            self.sample_log_likelihood = torch.stack(all_logp)  # (K, B), for the REINFORCE term
-        return torch.stack(all_logits), torch.stack(all_coords)
+        log_likelihood = torch.stack(all_logp) if all_logp else None
+        return torch.stack(all_logits), torch.stack(all_coords), log_likelihood
 
     def step_logits(self, x: torch.Tensor, rounded: bool = False) -> torch.Tensor:
         """Images (B, 1, 28, 28) -> logits after every glimpse, (K, B, 10)."""
@@ -188,7 +188,7 @@ class GlimpseNet(nn.Module):
         With exploration, no pull (it pins the positions) but a REINFORCE term: each glimpse's return is
         minus the summed cross-entropy of its own and all later steps, less the batch mean (the baseline).
         """
-        logits, coords = self.run(x)
+        logits, coords, log_likelihood = self.run(x)
         ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.glimpses), label_smoothing=label_smoothing,
                              reduction="none").view(self.glimpses, -1)  # (K, B)
         if self.explore <= 0:
@@ -197,7 +197,7 @@ class GlimpseNet(nn.Module):
         loss = ce.mean()
         if self.exploration() > 0:
             returns = -ce.detach().flip(0).cumsum(0).flip(0)
-            loss = loss - ((returns - returns.mean(1, keepdim=True)) * self.sample_log_likelihood).mean()
+            loss = loss - ((returns - returns.mean(1, keepdim=True)) * log_likelihood).mean()
         self.steps_taken += 1
         return loss
 
