@@ -14,7 +14,8 @@ from models.softorder import SoftHistogram, image_points
 
 VARIANTS = {  # name -> model kwargs of every configuration the tests build
     "mixer": [{}, {"patch": 7, "dim": 32, "depth": 2}],
-    "softorder": [{}, {"pool": "max"}, {"points": "all", "features": 16, "bins": 4}],
+    "softorder": [{}, {"pool": "max"}, {"points": "all", "features": 16, "bins": 4},
+                  {"head_width": 32, "head_layers": 3}],
     "glimpse": [{}, {"glimpses": 2}],
 }
 
