@@ -61,10 +61,10 @@ and explores around it, so both readings are the same pixel by construction: K =
 31.04 and 36.98 % for seeds 0, 1 and 2 (the policy found depends on the seed); K = 25 83.50 %, worse than
 unquantised (90.40 % bilinear, 88.82 % rounded) and the default. Wider or longer exploration (quantised, K = 2,
 seeds 0-2, validation): sigma 3 px over 8,000 steps 35.54 / 34.54 / 34.88 %, sigma 4 px over 5,000 steps
-33.96 / 35.98 / 35.38 % - the seeds agree better, the mean barely moves; the latter over 30 epochs instead of 15
-(the classifier trains longer on the settled positions) fell to 30.02 % for seed 0. A state-dependent REINFORCE baseline
-(the return the remaining steps would get at the cross-entropy from before the look) on the latter gave
-34.78 / 33.86 / 35.46 %: no gain over the batch mean, not kept.
+33.96 / 35.98 / 35.38 % - the seeds agree better, the mean barely moves; the latter over 30 epochs instead of
+15 (the classifier trains longer on the settled positions) fell to 30.02 % for seed 0. A state-dependent
+REINFORCE baseline (the return the remaining steps would get at the cross-entropy from before the look) on the
+latter gave 34.78 / 33.86 / 35.46 %: no gain over the batch mean, not kept.
 """
 
 from __future__ import annotations
