@@ -116,11 +116,10 @@ class GlimpseNet(nn.Module):
                  snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
                  explore_steps: int = 4000, quantise: bool = False):
         super().__init__()
-        self.explore, self.explore_steps, self.steps_taken = explore, explore_steps, 0
-        self.quantise = quantise
         if glimpses < 1:
             raise ValueError(f"glimpses={glimpses}: need at least one glimpse")
         self.glimpses, self.snap, self.move_scale = glimpses, snap, move_scale
+        self.explore, self.explore_steps, self.quantise, self.steps_taken = explore, explore_steps, quantise, 0
         self.embed = PointEmbedding(hidden, features)
         self.histogram = SoftHistogram(features, bins)
         self.state_size = features * bins
@@ -196,10 +195,10 @@ class GlimpseNet(nn.Module):
         logits, coords, log_likelihood = self.run(x)
         ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.glimpses), label_smoothing=label_smoothing,
                              reduction="none").view(self.glimpses, -1)  # (K, B)
+        loss = ce.mean()
         if self.explore <= 0:
             snap_penalty = torch.sin(math.pi * coords).square().mean()  # 0 at pixel centres, 1 half-way between
-            return ce.mean() + self.snap * snap_penalty
-        loss = ce.mean()
+            return loss + self.snap * snap_penalty
         if self.exploration() > 0:
             returns = -ce.detach().flip(0).cumsum(0).flip(0)
             loss = loss - ((returns - returns.mean(1, keepdim=True)) * log_likelihood).mean()
