@@ -65,6 +65,12 @@ seeds 0-2, validation): sigma 3 px over 8,000 steps 35.54 / 34.54 / 34.88 %, sig
 15 (the classifier trains longer on the settled positions) fell to 30.02 % for seed 0. A state-dependent
 REINFORCE baseline (the return the remaining steps would get at the cross-entropy from before the look) on the
 latter gave 34.78 / 33.86 / 35.46 %: no gain over the batch mean, not kept.
+
+Where the glimpses start (`start`: K pixel indices, row-major) decides which of these seed-dependent
+policies is found. Started on the best pair of the exhaustive two-pixel search over the training images,
+(406, 409) (`bench bound --subset train`), the sigma-2 quantised K = 2 runs reach 36.18 / 35.94 / 34.92 %
+validation and 36.64 / 36.24 / 36.55 % test for seeds 0-2, and the second glimpse still moves with the
+first reading (2 to 10 distinct pixels per seed).
 """
 
 from __future__ import annotations
@@ -114,10 +120,18 @@ def read_pixels(images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 class GlimpseNet(nn.Module):
     def __init__(self, glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                  snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
-                 explore_steps: int = 4000, quantise: bool = False):
+                 explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None):
         super().__init__()
         if glimpses < 1:
             raise ValueError(f"glimpses={glimpses}: need at least one glimpse")
+        if quantise and explore <= 0:
+            raise ValueError("quantise acts on exploring glimpses only: give explore > 0 with it")
+        if start is None:
+            start_pixels = sunflower(glimpses, radius).round()
+        else:  # pixel indices, row-major: (row, col) = divmod(p, 28)
+            if len(start) != glimpses or not all(0 <= p < SIDE * SIDE for p in start):
+                raise ValueError(f"start={start}: expected {glimpses} pixel indices in 0..{SIDE * SIDE - 1}")
+            start_pixels = torch.tensor([divmod(p, SIDE) for p in start], dtype=torch.float32)
         self.glimpses, self.snap, self.move_scale = glimpses, snap, move_scale
         self.explore, self.explore_steps, self.quantise, self.steps_taken = explore, explore_steps, quantise, 0
         self.embed = PointEmbedding(hidden, features)
@@ -127,9 +141,9 @@ class GlimpseNet(nn.Module):
                                      nn.Linear(hidden, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, 10)
         self.policy = nn.Sequential(nn.Linear(hidden + 10, hidden), nn.ReLU(), nn.Linear(hidden, 2))
-        # Step t looks first at the pixel nearest sunflower point t (sigmoid-logit space); the learned base
-        # and the policy's offset start at zero.
-        self.register_buffer("start", torch.logit(sunflower(glimpses, radius).round() / (SIDE - 1)))
+        # Step t looks first at its start pixel (sigmoid-logit space; an edge pixel just inside the edge); the
+        # learned base and the policy's offset start at zero.
+        self.register_buffer("start", torch.logit(start_pixels / (SIDE - 1), eps=1e-3))
         self.base = nn.Parameter(torch.zeros(glimpses, 2))
         nn.init.zeros_(self.policy[-1].weight)
         nn.init.zeros_(self.policy[-1].bias)
@@ -278,5 +292,6 @@ def plot_glimpse_paths(model: GlimpseNet, images: torch.Tensor, labels, path: Pa
                 schedule="onecycle", label_smoothing=0.0, augment=False)
 def build_glimpse(glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                   snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
-                  explore_steps: int = 4000, quantise: bool = False) -> nn.Module:
-    return GlimpseNet(glimpses, features, bins, hidden, snap, move_scale, radius, explore, explore_steps, quantise)
+                  explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None) -> nn.Module:
+    return GlimpseNet(glimpses, features, bins, hidden, snap, move_scale, radius, explore, explore_steps, quantise,
+                      start)

@@ -62,7 +62,9 @@ def parse_model_options(name: str, items: list[str]) -> dict:
     """`KEY=VALUE` strings -> builder keyword arguments for model `name`, checked against its signature.
 
     VALUE is read as a Python literal when it is one (2, 0.5, True, (3, 12)), else kept as a string
-    (pool=max). Raises ValueError naming the bad item and the options the builder accepts.
+    (pool=max). The model is built once with the options, so a bad value (pool=mean) fails here, before
+    any data is loaded. Raises ValueError naming the bad item and the options the builder accepts, or
+    the builder's own complaint.
     """
     accepted = list(inspect.signature(get_entry(name).builder).parameters)
     options = {}
@@ -76,4 +78,8 @@ def parse_model_options(name: str, items: list[str]) -> dict:
             options[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             options[key] = text
+    try:
+        create_model(name, **options)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"model {name} cannot be built with {' '.join(items)}: {exc}") from None
     return options

@@ -96,6 +96,9 @@ def test_model_options_are_checked_against_the_builder(tmp_path):
     assert "model softorder has no option 'pooling'; it accepts: points, pool, bins" in result.output
     result = CliRunner().invoke(app, ["train", "--model", "softorder", "--set", "max", "--workspace", str(tmp_path)])
     assert result.exit_code == 2 and "is not KEY=VALUE" in result.output
+    result = CliRunner().invoke(app, ["train", "--model", "cowmask", "--set", "mode=blend", "--workspace", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot be built with mode=blend: mode 'blend': expected mix or erase" in result.output
     assert not (tmp_path / "runs").exists()
 
 

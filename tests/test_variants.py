@@ -244,3 +244,16 @@ def test_quantised_exploring_glimpses_sit_on_pixel_centres():
     paths = glimpse_paths(model, x)
     assert torch.equal(paths, paths.round())
     assert torch.equal(model.step_logits(x), model.step_logits(x, rounded=True))
+    with pytest.raises(ValueError, match="quantise acts on exploring glimpses only"):
+        create_model("glimpse", glimpses=4, quantise=True)
+
+
+def test_glimpses_start_on_the_given_pixels():
+    """`start` (row-major pixel indices, e.g. the best pair of `bench bound`) replaces the sunflower starts."""
+    x, _ = fabricated_digits(3)
+    paths = glimpse_paths(create_model("glimpse", glimpses=2, start=(406, 409)), x)
+    torch.testing.assert_close(paths, torch.tensor([[14.0, 14.0], [14.0, 17.0]]).expand(3, 2, 2))
+    with pytest.raises(ValueError, match=r"expected 2 pixel indices in 0..783"):
+        create_model("glimpse", glimpses=2, start=(406,))
+    with pytest.raises(ValueError, match=r"expected 2 pixel indices in 0..783"):
+        create_model("glimpse", glimpses=2, start=(406, 784))
