@@ -224,6 +224,8 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
                 progress.update(task, advance=1, status=f"loss {loss_sum / (step + 1):.4f}")
             if not math.isfinite(loss_sum):
                 raise BenchError(f"training diverged at epoch {epoch} (loss is not finite); lower --lr")
+            if hasattr(model, "before_eval"):  # e.g. the mean teacher's batch-norm statistics, from clean images
+                model.before_eval(x_unlabelled if semi_supervised else x_fit, device)
             val_errors = int((predict_probs(model, x_val, device).argmax(1) != y_val).sum())
             history.append({"epoch": epoch, "steps": batches_per_epoch, "loss": loss_sum / batches_per_epoch,
                             "val_errors": val_errors,

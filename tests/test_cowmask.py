@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -130,3 +131,59 @@ def test_mix_target_follows_the_visible_ink_not_the_pixel_share():
     pixel_share = supervised + ((student - (teacher + teacher.roll(1, 0)) / 2) ** 2).sum(1).mean()
     assert torch.allclose(loss, expected, atol=1e-6)
     assert (loss - pixel_share).abs() > 1e-3
+
+
+def test_calibration_re_estimates_the_teachers_batch_norm_statistics_on_clean_images():
+    """`calibrate`: before each evaluation the teacher's batch-norm statistics become the plain average
+    over the given images' batches (what a fresh copy measures with momentum None), not the statistics
+    copied from the student; without it they stay as they were."""
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 28, 28)
+    for calibrate in (False, True):
+        model = create_model("cowmask", calibrate=calibrate)
+        before = [b.clone() for b in model.teacher.buffers()]
+        reference = copy.deepcopy(model.teacher)
+        model.before_eval(images, "cpu", batch_size=16)
+        after = list(model.teacher.buffers())
+        if not calibrate:
+            assert all(torch.equal(a, b) for a, b in zip(after, before))
+            continue
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+        reference.train()
+        with torch.no_grad():
+            for start in range(0, 64, 16):
+                reference(images[start:start + 16])
+        for a, r in zip(after, reference.buffers()):
+            torch.testing.assert_close(a, r)
+        assert not model.teacher.training
+        assert all(m.momentum == 0.1 for m in model.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("mode", ["mix", "erase"])
+def test_readable_counts_only_perturbations_the_teacher_still_reads_as_their_sources(mode):
+    """`readable`: a perturbed image counts only if the teacher reads it as (one of) its source digits.
+    This teacher calls an image whose two halves hold the same ink a 3 and any other a 5. The clean images
+    are uniform grey (3); the mask keeps the left half of each, so erasing leaves half an image and mixing
+    joins halves of different greys: every perturbed image reads as 5, and no consistency is added."""
+    torch.manual_seed(0)
+    left = torch.zeros(1, 1, 28, 28)
+    left[..., :14] = 1.0
+
+    class HalvesTeacher(torch.nn.Module):
+        def forward(self, images):
+            uneven = (images[..., :14].sum((1, 2, 3)) - images[..., 14:].sum((1, 2, 3))).abs() > 1e-3
+            return torch.where(uneven[:, None], torch.eye(10)[5], torch.eye(10)[3]) * 20.0
+
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    unlabelled = torch.tensor([0.2, 0.4, 0.2, 0.4]).view(4, 1, 1, 1).expand(4, 1, 28, 28)
+    losses = {}
+    for readable in (False, True):
+        model = create_model("cowmask", mode=mode, readable=readable, confidence=0.5, rampup_steps=0).eval()
+        model.sample_masks = lambda n, device: (left.expand(n, 1, 28, 28), torch.full((n,), 0.5))
+        model.teacher = HalvesTeacher()
+        with torch.no_grad():
+            losses[readable] = (model.training_loss(x, y, 0.0, unlabelled), model.training_loss(x, y, 0.0))
+    assert losses[False][0] > losses[False][1] + 1e-3  # the consistency term counts without the gate
+    torch.testing.assert_close(losses[True][0], losses[True][1])  # and is gated off with it
