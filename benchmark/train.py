@@ -112,10 +112,12 @@ def predict_probs(model: nn.Module, images: torch.Tensor, device: torch.device, 
 
 
 def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float,
-                  unlabelled: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's own `training_loss` if it has one (unlabelled batch passed only when given), else CE."""
+                  unlabelled: torch.Tensor | None = None, second_view: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's own `training_loss` if it has one (unlabelled views passed only when given), else CE."""
     if hasattr(model, "training_loss"):
         extra = {} if unlabelled is None else {"unlabelled": unlabelled}
+        if second_view is not None:
+            extra["second_view"] = second_view
         return model.training_loss(x, y, label_smoothing, **extra)
     return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
 
@@ -184,6 +186,8 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     semi_supervised = getattr(model, "uses_unlabelled", False)
     if semi_supervised and unlabelled_idx is None:
         raise BenchError(f"model {name} is semi-supervised: give --labels N (labelled images; the rest are unlabelled)")
+    if getattr(model, "second_view", False) and not cfg.augment:
+        raise BenchError(f"model {name}: second_view needs augmentation (without it both views are the same image)")
     x_unlabelled = to_float(data.train_images[unlabelled_idx]) if semi_supervised else None
     channels_last = device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     if channels_last:  # oneDNN convolutions run ~1.5x faster in NHWC on the CPU
@@ -212,8 +216,13 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
             for step in range(batches_per_epoch):
                 batch = next(labelled_batches)
                 x, y = prepare(x_fit[batch]), y_fit[batch].to(device)
-                xu = prepare(x_unlabelled[next(unlabelled_batches)]) if semi_supervised else None
-                loss = training_loss(model, x, y, cfg.label_smoothing, xu)
+                xu = xu_second = None
+                if semi_supervised:
+                    raw = x_unlabelled[next(unlabelled_batches)]
+                    xu = prepare(raw)
+                    # a model may ask for a second, independently augmented view of the same images
+                    xu_second = prepare(raw) if getattr(model, "second_view", False) else None
+                loss = training_loss(model, x, y, cfg.label_smoothing, xu, xu_second)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

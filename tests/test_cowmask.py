@@ -187,3 +187,47 @@ def test_readable_counts_only_perturbations_the_teacher_still_reads_as_their_sou
             losses[readable] = (model.training_loss(x, y, 0.0, unlabelled), model.training_loss(x, y, 0.0))
     assert losses[False][0] > losses[False][1] + 1e-3  # the consistency term counts without the gate
     torch.testing.assert_close(losses[True][0], losses[True][1])  # and is gated off with it
+
+
+@pytest.mark.parametrize("mode", ["mix", "erase"])
+def test_the_student_is_perturbed_from_the_second_view_and_the_teacher_reads_the_first(mode):
+    torch.manual_seed(0)
+    model = create_model("cowmask", mode=mode, rampup_steps=0, confidence=0.0, width=4)
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    first, second = torch.rand(4, 1, 28, 28), torch.rand(4, 1, 28, 28)
+
+    def loss(unlabelled, second_view=None):
+        torch.manual_seed(1)  # the same masks every call
+        return model.training_loss(x, y, 0.0, unlabelled, second_view).item()
+
+    assert loss(first, first) == pytest.approx(loss(first))  # a second view equal to the first changes nothing
+    with_second = loss(first, second)
+    assert with_second != pytest.approx(loss(first))  # the student's images come from the second view...
+    assert with_second != pytest.approx(loss(second))  # ...and the teacher's targets from the first
+
+
+def test_the_loop_passes_an_independent_second_augmentation_only_when_asked(mnist, monkeypatch):
+    seen = []
+    original = type(create_model("cowmask")).training_loss
+
+    def spy(self, x, y, label_smoothing=0.0, unlabelled=None, second_view=None):
+        seen.append((unlabelled, second_view))
+        return original(self, x, y, label_smoothing, unlabelled, second_view)
+
+    monkeypatch.setattr(type(create_model("cowmask")), "training_loss", spy)
+    for second_view in (False, True):
+        seen.clear()
+        cfg = resolve_config("cowmask", labels=20, epochs=1, train_subset=128, batch_size=64,
+                             model_kwargs={"width": 4, "second_view": second_view})
+        train_model("cowmask", cfg, mnist, seed=0, device=torch.device("cpu"), show_progress=False)
+        assert len(seen) == 2
+        for unlabelled, second in seen:
+            if second_view:  # same images, different random affines: close in ink, not equal pixel by pixel
+                assert second.shape == unlabelled.shape and not torch.allclose(second, unlabelled)
+                assert torch.allclose(second.sum((1, 2, 3)), unlabelled.sum((1, 2, 3)), rtol=0.5)
+            else:
+                assert second is None
+    with pytest.raises(BenchError, match="second_view needs augmentation"):
+        cfg = resolve_config("cowmask", labels=20, epochs=1, train_subset=128, augment=False,
+                             model_kwargs={"second_view": True})
+        train_model("cowmask", cfg, mnist, 0, torch.device("cpu"), show_progress=False)
