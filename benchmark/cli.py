@@ -67,6 +67,8 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
           model_option: List[str] = typer.Option([], "--set", help="Model option KEY=VALUE, repeatable (e.g. "
                                                  "--set pool=max for softorder); names the run unless --name."),
           train_subset: Optional[int] = typer.Option(None, help="Use only the first N fit images (smoke tests)."),
+          keep_best: bool = typer.Option(False, "--keep-best", help="End with the epoch that made the fewest "
+                                         "validation errors (latest on ties), not the last; tags the run -best."),
           device: str = typer.Option("auto", help="auto, cpu or cuda."),
           name: Optional[str] = typer.Option(None, help="Run name (default: <model>-s<seed>, plus -l<labels>)."),
           data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
@@ -83,7 +85,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         raise BenchError(f"--glimpses applies to the glimpse model only, not {model}")
     try:
         cfg = resolve_config(model, epochs=epochs, lr=lr, batch_size=batch_size, labels=labels,
-                             train_subset=train_subset)
+                             train_subset=train_subset, keep_best=keep_best or None)
     except KeyError as exc:
         raise BenchError(str(exc.args[0])) from None
     if glimpses is not None:  # the same as --set glimpses=K, and named the same
@@ -98,7 +100,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     mnist = load_mnist(data_dir, ws)
     option_tags = "".join(f"-k{value}" if key == "glimpses" else "-" + re.sub(r"[^\w.-]", "", f"{key}{value}")
                           for key, value in options.items())  # glimpses=2 -> -k2, pool=max -> -poolmax
-    run_name = name or f"{model}{option_tags}-s{seed}" + (f"-l{labels}" if labels else "")
+    run_name = name or (f"{model}{option_tags}{'-best' if keep_best else ''}-s{seed}" + (f"-l{labels}" if labels else ""))
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
     result = train_model(model, cfg, mnist, seed, torch_device)
     val_labels = mnist.train_labels[result.val_indices]
@@ -108,7 +110,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         "date": time.strftime("%Y-%m-%d"), "train_seconds": round(result.seconds, 1),
         "val_errors": int((result.val_probs.argmax(1) != val_labels).sum()), "val_size": len(val_labels),
         "test_errors": int((result.test_probs.argmax(1) != mnist.test_labels).sum()),
-        "test_size": len(mnist.test_labels), "history": result.history,
+        "test_size": len(mnist.test_labels), "history": result.history, "kept_epoch": result.kept_epoch,
         "data": {"source": str(mnist.source), "sha256": mnist.digests}, "versions": versions(),
     }
     if model == "glimpse":  # accuracy after every glimpse, reading bilinearly and rounded to the nearest pixel

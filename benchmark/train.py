@@ -8,6 +8,7 @@ given seed (same seed, same threads: same weights).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -39,6 +40,7 @@ class TrainConfig:
     max_shear: float = 0.1
     max_shift: float = 2.5  # pixels
     labels: int | None = None  # train on this many labelled images only (class-balanced, seeded)
+    keep_best: bool = False  # end with the weights of the epoch with the fewest validation errors (latest on ties)
     train_subset: int | None = None  # first N fit (and unlabelled) images: tests and smoke runs
     model_kwargs: dict = field(default_factory=dict)
 
@@ -159,6 +161,7 @@ class TrainResult:
     test_probs: np.ndarray  # (10000, 10)
     seconds: float
     parameters: int
+    kept_epoch: int  # the epoch whose weights the model holds: the last, or the best on validation (keep_best)
 
 
 def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: torch.device,
@@ -206,6 +209,7 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     labelled_batches = shuffled_batches(len(x_fit), cfg.batch_size, gen)
     unlabelled_batches = shuffled_batches(len(x_unlabelled), cfg.batch_size, gen) if semi_supervised else None
     history, start = [], time.perf_counter()
+    kept_epoch, kept_state = cfg.epochs, None
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not show_progress)
     with progress:
@@ -239,12 +243,16 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
             history.append({"epoch": epoch, "steps": batches_per_epoch, "loss": loss_sum / batches_per_epoch,
                             "val_errors": val_errors,
                             "seconds": round(time.perf_counter() - start, 1)})
+            if cfg.keep_best and (kept_state is None or val_errors <= history[kept_epoch - 1]["val_errors"]):
+                kept_epoch, kept_state = epoch, copy.deepcopy(model.state_dict())
             summary = f"loss {loss_sum / batches_per_epoch:.4f}  val errors {val_errors}/{len(val_idx)}"
             progress.update(task, status=summary)
             if show_progress and not progress.console.is_terminal:  # logs get one line per epoch instead of bars
                 progress.console.print(f"{name} epoch {epoch}/{cfg.epochs}: {summary}  {history[-1]['seconds']:.0f} s")
     seconds = time.perf_counter() - start
+    if kept_state is not None:
+        model.load_state_dict(kept_state)
     val_probs = predict_probs(model, x_val, device)
     test_probs = predict_probs(model, to_float(data.test_images), device)
     return TrainResult(model.to("cpu", memory_format=torch.contiguous_format), cfg, history, val_idx,
-                       val_probs, test_probs, seconds, parameter_count(model))
+                       val_probs, test_probs, seconds, parameter_count(model), kept_epoch)

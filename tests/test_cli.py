@@ -58,16 +58,18 @@ def test_subprocess_train_then_errors(tmp_path, mnist_dir):
     data = bench("data")
     assert data.returncode == 0, data.stderr
     assert "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7  t10k-images-idx3-ubyte" in data.stdout
-    trained = bench("train", "--model", "mlp", "--epochs", "1", "--train-subset", "1000", "--seed", "1")
+    trained = bench("train", "--model", "mlp", "--epochs", "3", "--train-subset", "1000", "--seed", "1", "--keep-best")
     assert trained.returncode == 0, trained.stderr
-    meta = json.loads((tmp_path / "runs" / "mlp-s1" / "meta.json").read_text())
-    probs = np.load(tmp_path / "runs" / "mlp-s1" / "test_probs.npy")
+    meta = json.loads((tmp_path / "runs" / "mlp-best-s1" / "meta.json").read_text())
+    probs = np.load(tmp_path / "runs" / "mlp-best-s1" / "test_probs.npy")
     assert probs.shape == (10000, 10)
     assert meta["test_errors"] == int((probs.argmax(1) != np.asarray(_test_labels(mnist_dir))).sum())
     assert meta["data"]["sha256"]["t10k-images-idx3-ubyte"].startswith("0fa7898d")
-    errors = bench("errors", "--run", "mlp-s1")
+    epoch_errors = [row["val_errors"] for row in meta["history"]]  # --keep-best: the best validation epoch
+    assert meta["config"]["keep_best"] and meta["val_errors"] == min(epoch_errors) == epoch_errors[meta["kept_epoch"] - 1]
+    errors = bench("errors", "--run", "mlp-best-s1")
     assert errors.returncode == 0, errors.stderr
-    items = (tmp_path / "hardsets" / "mlp-s1" / "items.csv").read_text().splitlines()
+    items = (tmp_path / "hardsets" / "mlp-best-s1" / "items.csv").read_text().splitlines()
     assert len(items) - 1 == meta["test_errors"]
     bad = bench("train", "--model", "mlp", "--device", "tpu")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "expected auto, cpu or cuda" in bad.stderr

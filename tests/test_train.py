@@ -110,3 +110,28 @@ def test_missing_run_lists_what_exists(tmp_path, smoke):
     save_run(tmp_path, "a-run", {"model": "mlp"}, smoke[0].test_probs)
     with pytest.raises(BenchError, match=r"run 'b-run' not found .*a-run"):
         load_run(tmp_path, "b-run")
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_keep_best_ends_with_the_weights_of_the_best_validation_epoch(mnist, monkeypatch, keep_best):
+    import benchmark.train as train_module
+
+    real_predict, states, calls = train_module.predict_probs, [], []
+
+    def predict(model, images, device, batch_size=1000):  # during training only the validation set is predicted
+        probs = real_predict(model, images, device, batch_size)
+        calls.append(len(images))
+        if len(calls) <= 3:  # the per-epoch validation passes: make epoch 2 look perfect
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+            if len(calls) == 2:
+                probs = np.eye(10, dtype=np.float32)[mnist.train_labels[mnist.validation_split()[1]]]
+        return probs
+
+    monkeypatch.setattr(train_module, "predict_probs", predict)
+    cfg = resolve_config("mlp", epochs=3, train_subset=500, keep_best=keep_best)
+    result = train_model("mlp", cfg, mnist, seed=0, device=torch.device("cpu"), show_progress=False)
+    assert [row["val_errors"] for row in result.history][1] == 0
+    assert result.kept_epoch == (2 if keep_best else 3)
+    for key, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, states[result.kept_epoch - 1][key])
+    assert not all(torch.equal(states[1][k], states[2][k]) for k in states[1])  # epochs 2 and 3 differ
