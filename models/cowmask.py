@@ -66,7 +66,11 @@ sides calibrated the term helps (46 vs 56 on validation). On top of mild masks a
     about sqrt(40) ~ 6, so differences this small are noise;
   - a slower teacher (`ema_decay=0.999`, with `second_view`): 678 100 71 63, stopped after 4 epochs;
   - twice the schedule (12 epochs): 83 55 44 45 42 37 40 36 40 42 39 41, 82 test errors: validation sits
-    near 40 from epoch 6 on, so more of the same training does not close the gap.
+    near 40 from epoch 6 on, so more of the same training does not close the gap;
+  - the second-view run ending at its best validation epoch (`--keep-best`, epoch 5, val 38): 73 test errors.
+The supervised `cnn --labels 1000`, re-run on the same machine and thread count: 152 test errors (129 on the
+first machine), so CowMask with these options sits at about half of it there, but not robustly: one seed
+each, and the reference itself moves by ~20 between machines.
 
 CowMask (`cow_masks`): per-pixel Gaussian noise, smoothed by a Gaussian filter whose sigma is drawn
 log-uniformly per image, thresholded at that image's own quantile so exactly the requested proportion of
