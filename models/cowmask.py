@@ -69,8 +69,8 @@ sides calibrated the term helps (46 vs 56 on validation). On top of mild masks a
     near 40 from epoch 6 on, so more of the same training does not close the gap;
   - the second-view run ending at its best validation epoch (`--keep-best`, epoch 5, val 38): 73 test errors.
 The supervised `cnn --labels 1000`, re-run on the same machine and thread count: 152 test errors (129 on the
-first machine), so CowMask with these options sits at about half of it there, but not robustly: one seed
-each, and the reference itself moves by ~20 between machines.
+first machine), so CowMask with these options sits at about half of it there, but not robustly: the
+reference moves by ~20 between machines, and seed 1 (other labels, other initialisation) makes 96.
 
 CowMask (`cow_masks`): per-pixel Gaussian noise, smoothed by a Gaussian filter whose sigma is drawn
 log-uniformly per image, thresholded at that image's own quantile so exactly the requested proportion of
