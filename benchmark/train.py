@@ -189,7 +189,9 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     semi_supervised = getattr(model, "uses_unlabelled", False)
     if semi_supervised and unlabelled_idx is None:
         raise BenchError(f"model {name} is semi-supervised: give --labels N (labelled images; the rest are unlabelled)")
-    if getattr(model, "second_view", False) and not cfg.augment:
+    # a model may ask for a second, independently augmented view of the same unlabelled images
+    second_view = semi_supervised and getattr(model, "second_view", False)
+    if second_view and not cfg.augment:
         raise BenchError(f"model {name}: second_view needs augmentation (without it both views are the same image)")
     x_unlabelled = to_float(data.train_images[unlabelled_idx]) if semi_supervised else None
     channels_last = device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -224,8 +226,7 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
                 if semi_supervised:
                     raw = x_unlabelled[next(unlabelled_batches)]
                     xu = prepare(raw)
-                    # a model may ask for a second, independently augmented view of the same images
-                    xu_second = prepare(raw) if getattr(model, "second_view", False) else None
+                    xu_second = prepare(raw) if second_view else None
                 loss = training_loss(model, x, y, cfg.label_smoothing, xu, xu_second)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -87,6 +87,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from models.cnn import ConvNet
 from models.registry import register_model
@@ -129,7 +130,7 @@ class MeanTeacher(nn.Module):
         if mode not in ("mix", "erase"):
             raise ValueError(f"mode {mode!r}: expected mix or erase")
         self.student = ConvNet(width)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()  # it only ever predicts
         self.ema_decay, self.mode, self.confidence = ema_decay, mode, confidence
         self.readable, self.calibrate = readable, calibrate
         self.second_view = second_view  # the training loop then passes a second augmentation of the batch
@@ -217,19 +218,9 @@ class MeanTeacher(nn.Module):
         Why: the statistics the teacher copies from the student were gathered on the student's weights, not
         the teacher's averaged ones, and partly on masked or mixed batches, never on clean images alone.
         """
-        if not self.calibrate:
-            return
-        norms = [m for m in self.teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches below
-        self.teacher.train()
-        for start in range(0, min(count, len(images)), batch_size):
-            self.teacher(images[start:start + batch_size].to(device))
-        self.teacher.eval()
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
+        if self.calibrate:  # reset, then a cumulative average (momentum None) over the batches; momenta restored
+            batches = images[:count].split(batch_size)
+            update_bn(batches, self.teacher, device=torch.device(device))
 
     def write_figures(self, folder: Path):
         """A grid of sample CowMasks (the kind this model trained with) as cowmasks.png."""
