@@ -29,19 +29,22 @@ with np.bincount (~2 ms a pair, ~11 minutes for 306,936 pairs). Here most grey l
 
     correct(a, b) = Y[a, b] + D[a, b] + D[b, a] + Z[a, b]
     Y[a, b]  cells with ga != 0, gb != 0: for each grey level g != 0 of a, walk the images with a = g and,
-             in each, only its non-zero pixels b (sum over images of nnz^2 ~ 1.7e9 steps for all 70,000
-             images, instead of 784^2 / 2 * 70,000 ~ 2.2e10 for the naive way);
+             in each, only its non-zero pixels b >= a (Y is symmetric; about half of the sum over images
+             of nnz^2 ~ 1.7e9, against 784^2 / 2 * 70,000 ~ 2.2e10 pixel reads for the naive way);
     D[a, b]  cells (ga != 0, gb = 0): the label counts of the images with a = g minus those with b != 0
-             (which the same walk counts), best label, summed over g;
+             (which the same walk counts, the pixels b < a included), best label, summed over g;
     Z[a, b]  the cell (0, 0): inclusion-exclusion, n - A[a] - A[b] + AB[a, b] per label, where A counts
              images with a non-zero pixel and AB with both non-zero (also from the walk).
-The same per-(a, g) counts give the adaptive bound (best b per g) and score held-out images. The walk is a
-numba kernel, parallel over first pixels a with per-thread scratch. Its table has one 64-bit word per cell
-(b, gb), indexed by the sparse row entry itself, holding the cell's best label count and the count of the
-label being walked (each group's images come label by label). A word written by another group reads as
-empty, so the table is never cleared, and since a cell's maximum grows by one exactly when the current
-label's count passes it, each pixel's sum of cell maxima is kept up to date step by step: one read-modify-
-write per step, no second pass over the cells.
+The same per-(a, g) counts give the adaptive bound (best b per g) and score held-out images. The adaptive
+bound needs second pixels on both sides of a; the half below a comes from the lower pixel's walk, which sums
+the same cells' maxima (one more field of the cell word) and hands them over in a (pixels x groups) uint16
+array (`_scan_pixels`, `_adaptive_lower`). The walk is a numba kernel, parallel over first pixels a with
+per-thread scratch, that prefetches the next image's row. Its table has one 64-bit word per cell (b, gb),
+indexed by the sparse row entry itself, holding the cell's best label count and the count of the label
+being walked (each group's images come label by label). A word written by another group reads as empty, so
+the table is cleared only once per first pixel, and since a cell's maximum grows by one exactly when the
+current label's count passes it, each pixel's sum of cell maxima is kept up to date step by step: one
+read-modify-write per step, no second pass over the cells.
 With CUDA, a torch path (batched bincount) computes the in-sample counts with identical results.
 
 Outputs of `run_bound` in the output folder: summary.json, pairs.npy (784 x 784 int64, symmetric, diagonal =
@@ -60,23 +63,22 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 SUBSETS = ("all", "train", "test")
 LEVELS = 256  # grey levels of a uint8 pixel
 MAX_LABELS = 16  # a cell word keeps its best label in 4 bits
-# A cell word (uint64) of the walk's table: which run last wrote it, the best label and its count so far in
-# the group, and the count of the current run's label.
-RUN_SHIFT, LABEL_SHIFT, BEST_SHIFT = 40, 36, 18
-GROUP_SHIFT = RUN_SHIFT + 4  # a run is group * MAX_LABELS + label, so the group sits 4 bits above the run
-COUNT_MASK = (1 << 18) - 1  # counts up to 262,143 images
-# runs are numbered (a * 256 + g + 1) * 16 + label; below 2^23 the word's top bit stays clear, so it reads as a
-# non-negative int64 in the kernel (this allows up to 2,047 pixels)
-MAX_RUN = 1 << 23
-# bit index of a uint64 with one bit set, from the top 6 bits of its product with a de Bruijn constant
-DE_BRUIJN = np.array([0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36, 53, 51, 43, 22,
-                      45, 39, 33, 30, 24, 18, 12, 5, 63, 47, 56, 27, 60, 41, 37, 16, 54, 35, 52, 21, 44, 32, 23,
-                      11, 46, 26, 40, 15, 34, 20, 31, 10, 25, 14, 19, 9, 13, 8, 7, 6], np.int64)
+# A cell word (uint64) of the walk's table, from the low bits up: the count of the current run's label, the
+# cell's best label count so far in its group, the transposed adaptive sum (see `_scan_pixels`), the best
+# label, and the run that last wrote it, run = (g + 1) << 4 | label for grey level g of the first pixel.
+COUNT_BITS = 15
+COUNT_MASK = (1 << COUNT_BITS) - 1  # so at most 32,767 fitted images may share one pixel's grey level
+BEST_SHIFT, TRANSPOSED_SHIFT, LABEL_SHIFT = COUNT_BITS, 2 * COUNT_BITS, 3 * COUNT_BITS
+RUN_SHIFT = LABEL_SHIFT + 4
+GROUP_SHIFT = RUN_SHIFT + 4  # the run's g + 1; runs stay below 2^13, so the word's top bit stays clear
 SIDE = 28
 
 
@@ -108,6 +110,22 @@ class PairCounts:
 # numba kernels
 
 
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Hint the CPU to load the cache line of array[index] (LLVM's prefetch: read, keep in all levels)."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]], wraparound=False)
+        byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer.type, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(function, [byte_pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
 @njit(cache=True)
 def _sparse_layout(images, labels, is_score, n_labels):
     """Both sparse views of the non-zero pixels of uint8 images (N, P).
@@ -115,44 +133,35 @@ def _sparse_layout(images, labels, is_score, n_labels):
     Row view: image i's non-zero pixels, ascending, are row_ent[row_ptr[i]:row_ptr[i + 1]], each uint32
     pixel << 8 | grey, which is also the index of its cell (pixel, grey) in the walk's table.
     Column view: col_img (nnz,) int32 image indices bucketed by (pixel, grey, scored, label); bucket
-    k = ((pixel * 256 + grey) * 2 + scored) * n_labels + label holds col_img[col_ptr[k]:col_ptr[k + 1]].
-    Counting sorts, O(N * P).
+    k = ((pixel * 256 + grey) * 2 + scored) * n_labels + label holds col_img[col_ptr[k]:col_ptr[k + 1]], and
+    col_pos (nnz,) int64 the position of that pixel's entry in the image's row (where its higher pixels start).
+    One pass over the pixels, then a counting sort of the row entries.
     """
     n, p = images.shape
     row_ptr = np.zeros(n + 1, np.int64)
-    bucket = np.zeros(p * LEVELS * 2 * n_labels + 1, np.int64)
     for i in range(n):
-        for j in range(p):
-            v = images[i, j]
-            if v != 0:
-                bucket[((j * LEVELS + v) * 2 + is_score[i]) * n_labels + labels[i] + 1] += 1
         row_ptr[i + 1] = row_ptr[i] + np.count_nonzero(images[i])
-    col_ptr = np.cumsum(bucket)
     row_ent = np.empty(row_ptr[n], np.uint32)
-    col_img = np.empty(row_ptr[n], np.int32)
-    fill = col_ptr[:-1].copy()
+    bucket = np.zeros(p * LEVELS * 2 * n_labels + 1, np.int64)
     q = 0
     for i in range(n):
         for j in range(p):
             v = images[i, j]
             if v != 0:
                 row_ent[q] = (j << 8) | v
+                bucket[((j * LEVELS + v) * 2 + is_score[i]) * n_labels + labels[i] + 1] += 1
                 q += 1
-                k = ((j * LEVELS + v) * 2 + is_score[i]) * n_labels + labels[i]
-                col_img[fill[k]] = i
-                fill[k] += 1
-    return row_ptr, row_ent, col_ptr, col_img
-
-
-@njit(cache=True)
-def _grey_label_counts(images, labels, n_labels):
-    """(P, 256, n_labels) int64: how many images show grey level g at pixel p with each label."""
-    n, p = images.shape
-    counts = np.zeros((p, LEVELS, n_labels), np.int64)
+    col_ptr = np.cumsum(bucket)
+    col_img = np.empty(row_ptr[n], np.int32)
+    col_pos = np.empty(row_ptr[n], np.int64)
+    fill = col_ptr[:-1].copy()
     for i in range(n):
-        for j in range(p):
-            counts[j, images[i, j], labels[i]] += 1
-    return counts
+        for q in range(row_ptr[i], row_ptr[i + 1]):
+            k = (np.int64(row_ent[q]) * 2 + is_score[i]) * n_labels + labels[i]
+            col_img[fill[k]] = i
+            col_pos[fill[k]] = q
+            fill[k] += 1
+    return row_ptr, row_ent, col_ptr, col_img, col_pos
 
 
 @njit(cache=True)
@@ -172,35 +181,46 @@ def _fallback(row_major, first, g_first, other, g_other):
 
 
 @njit(parallel=True, cache=True)
-def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, n_labels, row_major,
-                 fit_y, fit_d, fit_ab, group_best, held_y, held_d, score_ab,
-                 table, nzl_fit, nzl_score, seen_words, csum):
+def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, row_major, group_index,
+                 fit_y, fit_d, fit_ab, group_best, transposed, zero_best, held_y, held_d, score_ab,
+                 table, nzl_fit, nzl_score, touched_rows, csum):
     """For each first pixel a in `pixels`, walk the images with a != 0, one grey level g of a at a time.
 
-    Writes rows a of: fit_y, fit_d (P, P) (the Y and D terms of the fitted images, module docstring),
-    fit_ab (P, P, L) (fitted images with a and b non-zero, per label), group_best (P, 256) (per
-    non-zero grey g of a, the best single-pixel count of a second pixel on the images with a == g), held_y,
-    held_d (P, P) and score_ab (P, P, L) (the same for scored images, answered by the fitted
-    tables). Rows of different a are independent, so threads write disjoint memory.
+    Y is symmetric, so the walk of a builds the cells (ga, gb) of the pairs with b >= a only (the row entries
+    from a's own on); the lower pixels b < a of each image are only counted (images with b != 0 per label, for
+    the D and Z terms). Writes rows a of: fit_y (P, P) (the Y term for b >= a; zero below the diagonal),
+    fit_d (P, P) (the D term, all b), fit_ab (P, P, L) (fitted images with a and b non-zero, per label),
+    group_best (P, 256) (per non-zero grey g of a, the best single-pixel count of a second pixel b >= a on
+    the images with a == g), held_y (b >= a), held_d and score_ab (the same for scored images, answered by
+    the fitted tables). Rows of different a are independent, so threads write disjoint memory.
 
-    A group (a, g) visits its fitted images label by label, then its scored images. Each non-zero pixel b
-    of an image is one step on the word of its cell (b, gb) in `table` (T, P * 256) uint64, indexed by the
-    row entry itself. The word holds the run that last wrote it (run = (a * 256 + g + 1) * 16 + label):
-    a word from another group reads as empty and one from an earlier label of this group restarts the
-    current count, so the table is never cleared. When the current label's count passes the cell's best,
-    the cell's maximum grew by one, so the pixel's sum of cell maxima grows by one: the sum is exact after
-    the last fitted image without a pass over the cells. Scored images read the cell's best label.
+    The adaptive bound also needs second pixels b < a (unless `transposed` has no rows): for group (a, g)
+    and b < a it is (sum over gb != 0 of the cell maxima) + (the best count of cell (g, 0)). The first part
+    is the same cells seen from b's walk, so each cell word of b's walk also sums its maxima over b's grey
+    levels; after b's walk, transposed[b, group_index[a, g]] holds it (uint16, rows disjoint per thread).
+    The second part comes from a's counts: zero_best[group_index[a, g], b]. `_adaptive_lower` adds them.
+
+    A group (a, g) visits its fitted images label by label, then its scored images. Each non-zero pixel
+    b >= a of an image is one step on the word of its cell (b, gb) in `table` (T, P * 256) uint64, indexed
+    by the row entry itself. The word holds the run that last wrote it: a word from another group reads as
+    empty and one from an earlier label of this group restarts the current count, so the table is cleared
+    only once per first pixel. When the current label's count passes the cell's best, the cell's maximum
+    grew by one, so the pixel's sum of cell maxima grows by one: the sum is exact after the last fitted
+    image without a pass over the cells. Scored images read the cell's best label.
     Other scratch, one row per thread: nzl_fit, nzl_score (T, P * L) images with b != 0 per label;
-    seen_words (T, ceil(P / 64)) bitmask of the pixels b the group showed; csum (T, P) sums of cell maxima.
+    touched_rows (T, P) uint8 the pixels b the group showed; csum (T, P) sums of cell maxima.
     """
     n_pixels = fit_y.shape[0]
+    adaptive = transposed.shape[0] > 0
     for idx in prange(pixels.shape[0]):
         w = numba.get_thread_id()
-        cells, nz_fit, nz_score, seen, sums = table[w], nzl_fit[w], nzl_score[w], seen_words[w], csum[w]
+        cells, nz_fit, nz_score, touched, sums = table[w], nzl_fit[w], nzl_score[w], touched_rows[w], csum[w]
         a = pixels[idx]
         gcount_fit = np.zeros(MAX_LABELS, np.int64)
         gcount_score = np.zeros(MAX_LABELS, np.int64)
-        t_cell = np.zeros(MAX_LABELS, np.int64)
+        t_cell = np.zeros(MAX_LABELS, np.int64)  # per label: the group minus b != 0 (absent labels stay 0)
+        fit_labels_seen = np.zeros(MAX_LABELS, np.int64)
+        score_labels_seen = np.zeros(MAX_LABELS, np.int64)
         d_base = 0  # D[a, b] of a pixel b no image of the group shows non-zero, summed over groups
         hd_base = 0
         for g in range(1, LEVELS):
@@ -213,83 +233,130 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, n_labels, row_major
             group_max = gcount_fit.max()
             n_fit = gcount_fit.sum()
             n_score = gcount_score.sum()
+            # the labels the group has (small groups have few): only their counts can be non-zero
+            t_cell[:] = 0
+            n_fit_labels, n_score_labels = 0, 0
+            for c in range(n_labels):
+                if gcount_fit[c] > 0:
+                    fit_labels_seen[n_fit_labels] = c
+                    n_fit_labels += 1
+                if gcount_score[c] > 0:
+                    score_labels_seen[n_score_labels] = c
+                    n_score_labels += 1
             pred_all = _argmax(gcount_fit, 0, n_labels)
             # A pixel b never non-zero in the group has a single cell (g, 0) holding the whole group: the
             # same value for every such b, added to all b below and corrected for the pixels seen.
             d_base += group_max
+            group = group_index[a * LEVELS + g]
+            if adaptive and n_fit > 0:
+                zero_best[group, :a] = group_max
             if n_score > 0:
                 if n_fit > 0:
                     hd_base += gcount_score[pred_all]
                 else:  # no fitted image has a == g: the answer is each pair's fallback, per b
                     for b in range(n_pixels):
                         held_d[a, b] += gcount_score[_fallback(row_major, a, g, b, 0)]
-            group_id = a * LEVELS + g + 1
+            stamp = g + 1
+            fit_end = col_ptr[k0 + n_labels]
             for label in range(n_labels):
-                run = group_id * MAX_LABELS + label
+                run = (stamp << 4) | label
                 for j in range(col_ptr[k0 + label], col_ptr[k0 + label + 1]):
+                    if j + 1 < fit_end:  # the next image's row is a random read: ask for it now
+                        following = col_img[j + 1]
+                        for q in range(row_ptr[following], row_ptr[following + 1], 16):
+                            _prefetch(row_ent, q)
                     i = col_img[j]
-                    for q in range(row_ptr[i], row_ptr[i + 1]):
+                    for q in range(row_ptr[i], col_pos[j]):  # b < a: counted only
+                        b = np.int64(row_ent[q]) >> 8
+                        nz_fit[b * n_labels + label] += 1
+                        touched[b] = 1
+                    for q in range(col_pos[j], row_ptr[i + 1]):
                         e = np.int64(row_ent[q])
                         word = np.int64(cells[e])
-                        last_run = word >> RUN_SHIFT
-                        same_group = (word >> GROUP_SHIFT) == group_id
+                        same_group = (word >> GROUP_SHIFT) == stamp
                         best = (word >> BEST_SHIFT) & COUNT_MASK if same_group else 0
-                        count = ((word & COUNT_MASK) if last_run == run else 0) + 1
+                        count = ((word & COUNT_MASK) if (word >> RUN_SHIFT) == run else 0) + 1
                         grew = count > best
                         best = max(best, count)
                         # ties keep the earlier (lower) label; only scored images read it
                         best_label = label if grew else (word >> LABEL_SHIFT) & (MAX_LABELS - 1)
+                        summed = ((word >> TRANSPOSED_SHIFT) & COUNT_MASK) + grew
                         cells[e] = np.uint64((run << RUN_SHIFT) | (best_label << LABEL_SHIFT)
-                                             | (best << BEST_SHIFT) | count)
+                                             | (summed << TRANSPOSED_SHIFT) | (best << BEST_SHIFT) | count)
                         b = e >> 8
                         sums[b] += grew
                         nz_fit[b * n_labels + label] += 1
-                        seen[b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+                        touched[b] = 1
             for label in range(n_labels):  # scored images: every fitted image of the group is counted
                 for j in range(col_ptr[k0 + n_labels + label], col_ptr[k0 + n_labels + label + 1]):
                     i = col_img[j]
-                    for q in range(row_ptr[i], row_ptr[i + 1]):
+                    for q in range(row_ptr[i], col_pos[j]):
+                        b = np.int64(row_ent[q]) >> 8
+                        nz_score[b * n_labels + label] += 1
+                        touched[b] = 1
+                    for q in range(col_pos[j], row_ptr[i + 1]):
                         e = np.int64(row_ent[q])
                         word = np.int64(cells[e])
                         b = e >> 8
-                        if (word >> GROUP_SHIFT) == group_id:
+                        if (word >> GROUP_SHIFT) == stamp:
                             pred = (word >> LABEL_SHIFT) & (MAX_LABELS - 1)
                         else:
                             pred = _fallback(row_major, a, g, b, e & 255)
                         held_y[a, b] += pred == label
                         nz_score[b * n_labels + label] += 1
-                        seen[b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+                        touched[b] = 1
             # Close the pixels b the group showed.
             best = group_max
-            for word_index in range(seen.shape[0]):
-                bits = seen[word_index]
-                seen[word_index] = 0
-                while bits:
-                    low = bits & (~bits + np.uint64(1))  # lowest set bit, found by a de Bruijn multiply
-                    b = word_index * 64 + DE_BRUIJN[(low * np.uint64(0x03F79D71B4CB0A89)) >> np.uint64(58)]
-                    bits ^= low
-                    zero_max = 0  # best label count of the cell (g, 0): the group minus b != 0
-                    for c in range(n_labels):
-                        t_cell[c] = gcount_fit[c] - nz_fit[b * n_labels + c]
-                        zero_max = max(zero_max, t_cell[c])
-                        fit_ab[a, b, c] += nz_fit[b * n_labels + c]
-                        nz_fit[b * n_labels + c] = 0
+            for b in range(n_pixels):
+                if touched[b] == 0:
+                    continue
+                touched[b] = 0
+                zero_max = 0  # best label count of the cell (g, 0): the group minus b != 0
+                for k in range(n_fit_labels):
+                    c = fit_labels_seen[k]
+                    t_cell[c] = gcount_fit[c] - nz_fit[b * n_labels + c]
+                    zero_max = max(zero_max, t_cell[c])
+                    fit_ab[a, b, c] += nz_fit[b * n_labels + c]
+                    nz_fit[b * n_labels + c] = 0
+                fit_d[a, b] += zero_max - group_max
+                if b >= a:
                     fit_y[a, b] += sums[b]
-                    fit_d[a, b] += zero_max - group_max
                     best = max(best, sums[b] + zero_max)
                     sums[b] = 0
-                    if n_score > 0:
-                        untouched = pred_all if n_fit > 0 else _fallback(row_major, a, g, b, 0)
-                        pred = _argmax(t_cell, 0, n_labels) if zero_max > 0 else _fallback(row_major, a, g, b, 0)
-                        held_d[a, b] += (gcount_score[pred] - nz_score[b * n_labels + pred]
-                                         - gcount_score[untouched])
-                        for c in range(n_labels):
-                            score_ab[a, b, c] += nz_score[b * n_labels + c]
-                            nz_score[b * n_labels + c] = 0
+                elif adaptive and n_fit > 0:
+                    zero_best[group, b] = zero_max
+                if n_score > 0:
+                    untouched = pred_all if n_fit > 0 else _fallback(row_major, a, g, b, 0)
+                    pred = _argmax(t_cell, 0, n_labels) if zero_max > 0 else _fallback(row_major, a, g, b, 0)
+                    held_d[a, b] += (gcount_score[pred] - nz_score[b * n_labels + pred]
+                                     - gcount_score[untouched])
+                    for k in range(n_score_labels):
+                        c = score_labels_seen[k]
+                        score_ab[a, b, c] += nz_score[b * n_labels + c]
+                        nz_score[b * n_labels + c] = 0
             group_best[a, g] = best
         for b in range(n_pixels):
             fit_d[a, b] += d_base
             held_d[a, b] += hd_base
+        # Hand the summed cell maxima of the higher pixels' groups to their adaptive bound, clear the table.
+        for e in range(a * LEVELS, n_pixels * LEVELS):
+            if adaptive and e >= (a + 1) * LEVELS and group_index[e] >= 0:
+                transposed[a, group_index[e]] = (np.int64(cells[e]) >> TRANSPOSED_SHIFT) & COUNT_MASK
+            cells[e] = 0
+
+
+@njit(parallel=True, cache=True)
+def _adaptive_lower(group_pixel, group_grey, transposed, zero_best, group_best):
+    """Raise group_best[a, g] to the best second pixel b < a: transposed[b, k] + zero_best[k, b] for the
+    group k = (a, g). Blocks of 64 consecutive groups, so both (P, K) and (K, P) reads stay in cache."""
+    n_groups = group_pixel.shape[0]
+    for block in prange((n_groups + 63) // 64):
+        end = min(n_groups, block * 64 + 64)
+        for b in range(transposed.shape[0]):
+            for k in range(block * 64, end):
+                a, g = group_pixel[k], group_grey[k]
+                if b < a:
+                    group_best[a, g] = max(group_best[a, g], np.int64(transposed[b, k]) + np.int64(zero_best[k, b]))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -334,14 +401,27 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     n_labels = int(labels.max()) + 1 if len(labels) else 1
     if n_labels > MAX_LABELS:
         raise ValueError(f"labels must be below {MAX_LABELS}, got {n_labels - 1}")
-    if len(fit_labels) > COUNT_MASK or (n_pixels * LEVELS + 1) * MAX_LABELS >= MAX_RUN:
-        raise ValueError(f"at most {COUNT_MASK} fitted images and {MAX_RUN // MAX_LABELS // LEVELS - 1} pixels")
-    row_ptr, row_ent, col_ptr, col_img = _sparse_layout(images, labels, is_score, n_labels)
-
-    fit_counts = _grey_label_counts(fit_images, fit_labels, n_labels)  # (P, 256, L)
-    fit_per_label = fit_counts[0].sum(0)  # (L,)
+    if n_pixels >= 1 << 24:
+        raise ValueError(f"at most {(1 << 24) - 1} pixels per image")  # a row entry is pixel << 8 | grey, uint32
+    row_ptr, row_ent, col_ptr, col_img, col_pos = _sparse_layout(images, labels, is_score, n_labels)
+    fit_per_label = np.bincount(fit_labels, minlength=n_labels)  # (L,)
+    # (P, 256, L) fitted images per pixel, grey and label: the fitted buckets, and grey 0 for the rest
+    fit_counts = np.diff(col_ptr).reshape(n_pixels, LEVELS, 2, n_labels)[:, :, 0, :].copy()
+    fit_counts[:, 0, :] = fit_per_label - fit_counts.sum(1)
+    group_sizes = fit_counts.sum(2)  # (P, 256): fitted images per (pixel, grey)
+    group_sizes[:, 0] = 0  # grey 0 is not walked
+    if group_sizes.max(initial=0) > COUNT_MASK:
+        raise ValueError(f"at most {COUNT_MASK} fitted images may show the same non-zero grey level at one pixel "
+                         f"(a cell word's counts have {COUNT_BITS} bits); got {group_sizes.max()}")
     # the held-out fallback: majority label of the fitted images at (pixel, grey), else overall
     row_major = np.where(fit_counts.sum(2) > 0, fit_counts.argmax(2), fit_per_label.argmax())
+    # the walked groups (pixel, non-zero grey with fitted images), numbered in row-entry order
+    group_cells = np.flatnonzero(group_sizes.ravel())
+    group_index = np.full(n_pixels * LEVELS, -1, np.int64)
+    group_index[group_cells] = np.arange(len(group_cells))
+    group_pixel, group_grey = np.divmod(group_cells, LEVELS)
+    transposed = np.zeros((n_pixels, len(group_cells)), np.uint16)  # counts <= COUNT_MASK < 2^16
+    zero_best = np.zeros((len(group_cells), n_pixels), np.uint16)
 
     fit_y, fit_d, held_y, held_d = (np.zeros((n_pixels, n_pixels), np.int64) for _ in range(4))
     fit_ab, score_ab = (np.zeros((n_pixels, n_pixels, n_labels), np.int32) for _ in range(2))
@@ -349,13 +429,16 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     threads = numba.get_num_threads()
     table = np.zeros((threads, n_pixels * LEVELS), np.uint64)
     nzl_fit, nzl_score = (np.zeros((threads, n_pixels * n_labels), np.int32) for _ in range(2))
-    seen = np.zeros((threads, (n_pixels + 63) // 64), np.uint64)
+    touched = np.zeros((threads, n_pixels), np.uint8)
     csum = np.zeros((threads, n_pixels), np.int64)
 
     # Heaviest first pixels first, one per scheduling chunk, so the threads finish together. The walk of
-    # first pixel a takes one step per non-zero pixel of every image with a != 0.
+    # first pixel a takes one step per non-zero pixel of every image with a != 0: a table step for the pixels
+    # from a on, a cheaper count for those before it (weighted 2 : 1, about their cost).
     nnz = np.diff(row_ptr)
-    work = np.bincount(row_ent >> 8, weights=np.repeat(nnz, nnz), minlength=n_pixels).astype(np.int64)
+    before = np.arange(len(row_ent)) - np.repeat(row_ptr[:-1], nnz)  # entries before each one in its row
+    work = np.bincount(row_ent >> 8, weights=before + 2 * (np.repeat(nnz, nnz) - before),
+                       minlength=n_pixels).astype(np.int64)
     order = np.argsort(-work, kind="stable")
     # Several kernel calls (one per progress update), each dealing its pixels to the threads round-robin:
     # numba splits a prange into one contiguous block per thread, so one call over the sorted order would
@@ -368,12 +451,15 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     try:
         with _progress_bar(progress, work.sum()) as advance:
             for step in steps:
-                _scan_pixels(step, row_ptr, row_ent, col_ptr, col_img, n_labels, row_major,
-                             fit_y, fit_d, fit_ab, group_best, held_y, held_d, score_ab,
-                             table, nzl_fit, nzl_score, seen, csum)
+                _scan_pixels(step, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, row_major, group_index,
+                             fit_y, fit_d, fit_ab, group_best, transposed, zero_best, held_y, held_d, score_ab,
+                             table, nzl_fit, nzl_score, touched, csum)
                 advance(work[step].sum())
+            _adaptive_lower(group_pixel, group_grey, transposed, zero_best, group_best)
     finally:
         numba.set_num_threads(old_threads)
+    fit_y += np.triu(fit_y, 1).T  # the walk filled b >= a; Y is symmetric
+    held_y += np.triu(held_y, 1).T
 
     nonzero_fit = np.diagonal(fit_ab).T.astype(np.int64)  # (P, L): b = a is non-zero exactly when a is
     zero_zero = (fit_per_label - nonzero_fit[:, None, :] - nonzero_fit[None, :, :] + fit_ab)  # (P, P, L)

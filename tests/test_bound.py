@@ -193,13 +193,16 @@ def test_bad_options_give_one_line_error(tmp_path, args, message):
 
 
 def test_inputs_beyond_the_cell_word_are_refused():
-    """A cell word keeps its best label in 4 bits and its run number (from the pixel) in 23: label 16 or a
-    2,048th pixel must be refused, not silently wrapped."""
+    """A cell word keeps its best label in 4 bits and its counts in 15: label 16, or a pixel showing one
+    grey level in 32,768 fitted images, must be refused, not silently wrapped."""
     images = np.array([[1, 2], [3, 4]], np.uint8)
     with pytest.raises(ValueError, match="labels must be below 16"):
         scan_pairs(images, np.array([0, 16]))
     assert scan_pairs(images, np.array([0, 15])).pairs[0, 1] == 2
-    with pytest.raises(ValueError, match="2047 pixels"):
-        scan_pairs(np.ones((2, 2048), np.uint8), np.array([0, 1]))
-    widest = scan_pairs(np.ones((3, 2047), np.uint8), np.array([0, 1, 1]))  # every cell holds labels 0, 1, 1
-    assert widest.pairs[0, 2046] == 2 and widest.adaptive[2046] == 2
+    every_third = (np.arange(32_768) % 3 == 0).astype(np.int64)  # label 1 for 10,923 images, 0 for the rest
+    with pytest.raises(ValueError, match="at most 32767 fitted images may show the same non-zero grey level"):
+        scan_pairs(np.ones((32_768, 2), np.uint8), every_third)
+    fullest = scan_pairs(np.ones((32_767, 2), np.uint8), every_third[:32_767])  # one cell holds every image
+    assert fullest.pairs[0, 1] == fullest.adaptive[1] == 32_767 - 10_923
+    widest = scan_pairs(np.ones((3, 2048), np.uint8), np.array([0, 1, 1]))  # no limit on the pixel count
+    assert widest.pairs[0, 2047] == 2 and widest.adaptive[2047] == 2
