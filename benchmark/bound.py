@@ -180,6 +180,16 @@ def _fallback(row_major, first, g_first, other, g_other):
     return row_major[first, g_first] if first < other else row_major[other, g_other]
 
 
+@njit(cache=True)
+def _count_lower(row_ent, start, stop, label, n_labels, counts, touched):
+    """The pixels b of row entries start..stop (those below the first pixel): count the image in
+    counts[b * n_labels + label] and mark b touched; no cells, since their pairs are walked from b."""
+    for q in range(start, stop):
+        b = np.int64(row_ent[q]) >> 8
+        counts[b * n_labels + label] += 1
+        touched[b] = 1
+
+
 @njit(parallel=True, cache=True)
 def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, row_major, group_index,
                  fit_y, fit_d, fit_ab, group_best, transposed, zero_best, held_y, held_d, score_ab,
@@ -266,10 +276,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                         for q in range(row_ptr[following], row_ptr[following + 1], 16):
                             _prefetch(row_ent, q)
                     i = col_img[j]
-                    for q in range(row_ptr[i], col_pos[j]):  # b < a: counted only
-                        b = np.int64(row_ent[q]) >> 8
-                        nz_fit[b * n_labels + label] += 1
-                        touched[b] = 1
+                    _count_lower(row_ent, row_ptr[i], col_pos[j], label, n_labels, nz_fit, touched)
                     for q in range(col_pos[j], row_ptr[i + 1]):
                         e = np.int64(row_ent[q])
                         word = np.int64(cells[e])
@@ -290,10 +297,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
             for label in range(n_labels):  # scored images: every fitted image of the group is counted
                 for j in range(col_ptr[k0 + n_labels + label], col_ptr[k0 + n_labels + label + 1]):
                     i = col_img[j]
-                    for q in range(row_ptr[i], col_pos[j]):
-                        b = np.int64(row_ent[q]) >> 8
-                        nz_score[b * n_labels + label] += 1
-                        touched[b] = 1
+                    _count_lower(row_ent, row_ptr[i], col_pos[j], label, n_labels, nz_score, touched)
                     for q in range(col_pos[j], row_ptr[i + 1]):
                         e = np.int64(row_ent[q])
                         word = np.int64(cells[e])
