@@ -96,13 +96,14 @@ class PairCounts:
     """Result of one exhaustive search over all pixel pairs of (N, P) images.
 
     pairs     (P, P) int64 in-sample correct counts of the best table, symmetric; diagonal = single pixel.
-    adaptive  (P,) int64: correct count of the adaptive two-glimpse table with first pixel a.
+    adaptive  (P,) int64: correct count of the adaptive two-glimpse table with first pixel a (None when
+              not asked for).
     heldout   (P, P) int64 or None: images of the scored set the fitted pair table names correctly
               (symmetric; diagonal = single pixel); None when no scored set was given.
     """
 
     pairs: np.ndarray
-    adaptive: np.ndarray
+    adaptive: np.ndarray | None
     heldout: np.ndarray | None = None
 
 
@@ -134,7 +135,7 @@ def _sparse_layout(images, labels, is_score, n_labels):
     pixel << 8 | grey, which is also the index of its cell (pixel, grey) in the walk's table.
     Column view: col_img (nnz,) int32 image indices bucketed by (pixel, grey, scored, label); bucket
     k = ((pixel * 256 + grey) * 2 + scored) * n_labels + label holds col_img[col_ptr[k]:col_ptr[k + 1]], and
-    col_pos (nnz,) int64 the position of that pixel's entry in the image's row (where its higher pixels start).
+    col_pos (nnz,) int32 the position of that pixel's entry in the image's row (where its higher pixels start).
     One pass over the pixels, then a counting sort of the row entries.
     """
     n, p = images.shape
@@ -153,7 +154,7 @@ def _sparse_layout(images, labels, is_score, n_labels):
                 q += 1
     col_ptr = np.cumsum(bucket)
     col_img = np.empty(row_ptr[n], np.int32)
-    col_pos = np.empty(row_ptr[n], np.int64)
+    col_pos = np.empty(row_ptr[n], np.int32)
     fill = col_ptr[:-1].copy()
     for i in range(n):
         for q in range(row_ptr[i], row_ptr[i + 1]):
@@ -192,8 +193,8 @@ def _count_lower(row_ent, start, stop, label, n_labels, counts, touched):
 
 @njit(parallel=True, cache=True)
 def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, row_major, group_index,
-                 fit_y, fit_d, fit_ab, group_best, transposed, zero_best, held_y, held_d, score_ab,
-                 table, nzl_fit, nzl_score, touched_rows, csum):
+                 fit_y, fit_d, fit_ab, group_best, adaptive, transposed, transposed_start, zero_best, zero_start,
+                 held_y, held_d, score_ab, table, nzl_fit, nzl_score, touched_rows, csum):
     """For each first pixel a in `pixels`, walk the images with a != 0, one grey level g of a at a time.
 
     Y is symmetric, so the walk of a builds the cells (ga, gb) of the pairs with b >= a only (the row entries
@@ -204,11 +205,12 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
     the images with a == g), held_y (b >= a), held_d and score_ab (the same for scored images, answered by
     the fitted tables). Rows of different a are independent, so threads write disjoint memory.
 
-    The adaptive bound also needs second pixels b < a (unless `transposed` has no rows): for group (a, g)
-    and b < a it is (sum over gb != 0 of the cell maxima) + (the best count of cell (g, 0)). The first part
-    is the same cells seen from b's walk, so each cell word of b's walk also sums its maxima over b's grey
-    levels; after b's walk, transposed[b, group_index[a, g]] holds it (uint16, rows disjoint per thread).
-    The second part comes from a's counts: zero_best[group_index[a, g], b]. `_adaptive_lower` adds them.
+    With `adaptive`, the adaptive bound also gets second pixels b < a: for group k = (a, g) and b < a it is
+    (sum over gb != 0 of the cell maxima) + (the best count of cell (g, 0)). The first part is the same cells
+    seen from b's walk, so each cell word of b's walk also sums its maxima over b's grey levels; after b's
+    walk, transposed[transposed_start[b] + k] holds it for every group k of a pixel above b. The second part
+    comes from a's counts: zero_best[zero_start[k] + b] for b < a. Both are packed uint16 triangles written
+    in disjoint ranges per first pixel; `_adaptive_lower` adds them.
 
     A group (a, g) visits its fitted images label by label, then its scored images. Each non-zero pixel
     b >= a of an image is one step on the word of its cell (b, gb) in `table` (T, P * 256) uint64, indexed
@@ -221,7 +223,6 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
     touched_rows (T, P) uint8 the pixels b the group showed; csum (T, P) sums of cell maxima.
     """
     n_pixels = fit_y.shape[0]
-    adaptive = transposed.shape[0] > 0
     for idx in prange(pixels.shape[0]):
         w = numba.get_thread_id()
         cells, nz_fit, nz_score, touched, sums = table[w], nzl_fit[w], nzl_score[w], touched_rows[w], csum[w]
@@ -259,7 +260,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
             d_base += group_max
             group = group_index[a * LEVELS + g]
             if adaptive and n_fit > 0:
-                zero_best[group, :a] = group_max
+                zero_best[zero_start[group]:zero_start[group] + a] = group_max
             if n_score > 0:
                 if n_fit > 0:
                     hd_base += gcount_score[pred_all]
@@ -328,7 +329,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                     best = max(best, sums[b] + zero_max)
                     sums[b] = 0
                 elif adaptive and n_fit > 0:
-                    zero_best[group, b] = zero_max
+                    zero_best[zero_start[group] + b] = zero_max
                 if n_score > 0:
                     untouched = pred_all if n_fit > 0 else _fallback(row_major, a, g, b, 0)
                     pred = _argmax(t_cell, 0, n_labels) if zero_max > 0 else _fallback(row_major, a, g, b, 0)
@@ -345,22 +346,24 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
         # Hand the summed cell maxima of the higher pixels' groups to their adaptive bound, clear the table.
         for e in range(a * LEVELS, n_pixels * LEVELS):
             if adaptive and e >= (a + 1) * LEVELS and group_index[e] >= 0:
-                transposed[a, group_index[e]] = (np.int64(cells[e]) >> TRANSPOSED_SHIFT) & COUNT_MASK
+                transposed[transposed_start[a] + group_index[e]] = (np.int64(cells[e]) >> TRANSPOSED_SHIFT) & COUNT_MASK
             cells[e] = 0
 
 
 @njit(parallel=True, cache=True)
-def _adaptive_lower(group_pixel, group_grey, transposed, zero_best, group_best):
-    """Raise group_best[a, g] to the best second pixel b < a: transposed[b, k] + zero_best[k, b] for the
-    group k = (a, g). Blocks of 64 consecutive groups, so both (P, K) and (K, P) reads stay in cache."""
+def _adaptive_lower(group_pixel, group_grey, transposed, transposed_start, zero_best, zero_start, group_best):
+    """Raise group_best[a, g] to the best second pixel b < a of group k = (a, g): the packed
+    transposed[transposed_start[b] + k] + zero_best[zero_start[k] + b] (see `_scan_pixels`). Blocks of 64
+    consecutive groups, so the reads of both triangles stay in cache."""
     n_groups = group_pixel.shape[0]
     for block in prange((n_groups + 63) // 64):
         end = min(n_groups, block * 64 + 64)
-        for b in range(transposed.shape[0]):
+        for b in range(transposed_start.shape[0]):
             for k in range(block * 64, end):
                 a, g = group_pixel[k], group_grey[k]
                 if b < a:
-                    group_best[a, g] = max(group_best[a, g], np.int64(transposed[b, k]) + np.int64(zero_best[k, b]))
+                    lower = np.int64(transposed[transposed_start[b] + k]) + np.int64(zero_best[zero_start[k] + b])
+                    group_best[a, g] = max(group_best[a, g], lower)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -381,13 +384,14 @@ def _check_images(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
 
 def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.ndarray | None = None,
                score_labels: np.ndarray | None = None, progress: str | None = None,
-               cfg: BoundConfig = BoundConfig()) -> PairCounts:
+               cfg: BoundConfig = BoundConfig(), adaptive: bool = True) -> PairCounts:
     """Exact counts for every pixel pair on the CPU (numba, all threads).
 
     fit_images (N, ...) uint8 and fit_labels (N,) int: the images the tables are fitted on (in-sample counts
     `pairs`, `adaptive`). score_images (M, ...) / score_labels (M,), optional: held-out images scored
     against those tables (`heldout`, fallback as in the module docstring). progress: if given, the
-    description of a rich progress bar on stderr.
+    description of a rich progress bar on stderr. adaptive=False skips the adaptive bound (its hand-over
+    arrays take 4 bytes per pixel and group, ~440 MB for all of MNIST); `adaptive` is then None.
     """
     fit_images, fit_labels = _check_images(fit_images, fit_labels)
     scored = score_images is not None
@@ -424,8 +428,13 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     group_index = np.full(n_pixels * LEVELS, -1, np.int64)
     group_index[group_cells] = np.arange(len(group_cells))
     group_pixel, group_grey = np.divmod(group_cells, LEVELS)
-    transposed = np.zeros((n_pixels, len(group_cells)), np.uint16)  # counts <= COUNT_MASK < 2^16
-    zero_best = np.zeros((len(group_cells), n_pixels), np.uint16)
+    # the adaptive bound's hand-over triangles (`_scan_pixels`): pixel b's row holds the groups of the pixels
+    # above b, group k's row the pixels below its own; counts <= COUNT_MASK < 2^16
+    groups_above = len(group_cells) - np.searchsorted(group_pixel, np.arange(1, n_pixels + 1))  # (P,)
+    transposed_start = np.concatenate([[0], np.cumsum(groups_above)[:-1]]) - (len(group_cells) - groups_above)
+    zero_start = np.concatenate([[0], np.cumsum(group_pixel)[:-1]]).astype(np.int64)
+    transposed = np.zeros(groups_above.sum() if adaptive else 0, np.uint16)
+    zero_best = np.zeros(group_pixel.sum() if adaptive else 0, np.uint16)
 
     fit_y, fit_d, held_y, held_d = (np.zeros((n_pixels, n_pixels), np.int64) for _ in range(4))
     fit_ab, score_ab = (np.zeros((n_pixels, n_pixels, n_labels), np.int32) for _ in range(2))
@@ -456,10 +465,13 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
         with _progress_bar(progress, work.sum()) as advance:
             for step in steps:
                 _scan_pixels(step, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, row_major, group_index,
-                             fit_y, fit_d, fit_ab, group_best, transposed, zero_best, held_y, held_d, score_ab,
-                             table, nzl_fit, nzl_score, touched, csum)
+                             fit_y, fit_d, fit_ab, group_best, adaptive, transposed, transposed_start,
+                             zero_best, zero_start, held_y, held_d, score_ab, table, nzl_fit, nzl_score, touched,
+                             csum)
                 advance(work[step].sum())
-            _adaptive_lower(group_pixel, group_grey, transposed, zero_best, group_best)
+            if adaptive:
+                _adaptive_lower(group_pixel, group_grey, transposed, transposed_start, zero_best, zero_start,
+                                group_best)
     finally:
         numba.set_num_threads(old_threads)
     fit_y += np.triu(fit_y, 1).T  # the walk filled b >= a; Y is symmetric
@@ -470,7 +482,7 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     z = zero_zero.max(2)
     pairs = fit_y + fit_d + fit_d.T + z
     # With a == 0 the second pixel b sees the cells (0, gb): D[b, a] for gb != 0 and Z[a, b] for gb = 0.
-    adaptive = group_best.sum(1) + (fit_d.T + z).max(1)
+    adaptive_counts = group_best.sum(1) + (fit_d.T + z).max(1) if adaptive else None
     heldout = None
     if scored:
         score_per_label = np.bincount(score_labels, minlength=n_labels)
@@ -479,7 +491,7 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
         lower = np.minimum.outer(np.arange(n_pixels), np.arange(n_pixels))
         pred = np.where(zero_zero.sum(2) > 0, zero_zero.argmax(2), row_major[lower, 0])
         heldout = held_y + held_d + held_d.T + np.take_along_axis(score_zz, pred[..., None], 2)[..., 0]
-    return PairCounts(pairs=pairs, adaptive=adaptive, heldout=heldout)
+    return PairCounts(pairs=pairs, adaptive=adaptive_counts, heldout=heldout)
 
 
 def scan_pairs_torch(images: np.ndarray, labels: np.ndarray, device: str = "cuda",
@@ -621,7 +633,8 @@ def run_bound(mnist, subset: str, out: Path, device: str = "cpu", benchmark: boo
 
     start = time.perf_counter()
     held = scan_pairs(mnist.train_images, mnist.train_labels, mnist.test_images, mnist.test_labels,
-                      progress="held-out pass (fit train, score test)" if progress else None, cfg=cfg)
+                      progress="held-out pass (fit train, score test)" if progress else None, cfg=cfg,
+                      adaptive=False)
     heldout_seconds = time.perf_counter() - start
 
     a, b, correct = best_pair(counts.pairs)
