@@ -69,8 +69,10 @@ sides calibrated the term helps (46 vs 56 on validation). On top of mild masks a
     near 40 from epoch 6 on, so more of the same training does not close the gap;
   - the second-view run ending at its best validation epoch (`--keep-best`, epoch 5, val 38): 73 test errors.
 The supervised `cnn --labels 1000`, re-run on the same machine and thread count: 152 test errors (129 on the
-first machine), so CowMask with these options sits at about half of it there, but not robustly: the
-reference moves by ~20 between machines, and seed 1 (other labels, other initialisation) makes 96.
+first machine), so CowMask with these options sits at about half of it there, but not robustly. Paired seed
+for seed (seed S draws both the 1,000 labels and the initialisation; one torch thread, one machine), supervised
+152 / 102 / 104 against second-view CowMask 74 / 79 / 84 test errors for seeds 0 / 1 / 2: 0.49, 0.77, 0.81,
+0.66 on the means. Seed 0's labels make a weak supervised model; CowMask's own figure moves far less.
 
 CowMask (`cow_masks`): per-pixel Gaussian noise, smoothed by a Gaussian filter whose sigma is drawn
 log-uniformly per image, thresholded at that image's own quantile so exactly the requested proportion of
