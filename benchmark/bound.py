@@ -136,6 +136,8 @@ def _sparse_layout(images, labels, is_score, n_labels):
     Column view: col_img (nnz,) int32 image indices bucketed by (pixel, grey, scored, label); bucket
     k = ((pixel * 256 + grey) * 2 + scored) * n_labels + label holds col_img[col_ptr[k]:col_ptr[k + 1]], and
     col_pos (nnz,) int32 the position of that pixel's entry in the image's row (where its higher pixels start).
+    Also work (P,) int64: the cost of each first pixel's walk, counted as 2 per table step (the entries from
+    the pixel's own on) and 1 per count (those before it), over the images with that pixel non-zero.
     One pass over the pixels, then a counting sort of the row entries.
     """
     n, p = images.shape
@@ -156,13 +158,15 @@ def _sparse_layout(images, labels, is_score, n_labels):
     col_img = np.empty(row_ptr[n], np.int32)
     col_pos = np.empty(row_ptr[n], np.int32)
     fill = col_ptr[:-1].copy()
+    work = np.zeros(p, np.int64)
     for i in range(n):
         for q in range(row_ptr[i], row_ptr[i + 1]):
             k = (np.int64(row_ent[q]) * 2 + is_score[i]) * n_labels + labels[i]
             col_img[fill[k]] = i
             col_pos[fill[k]] = q
             fill[k] += 1
-    return row_ptr, row_ent, col_ptr, col_img, col_pos
+            work[row_ent[q] >> 8] += 2 * row_ptr[i + 1] - row_ptr[i] - q
+    return row_ptr, row_ent, col_ptr, col_img, col_pos, work
 
 
 @njit(cache=True)
@@ -358,7 +362,7 @@ def _adaptive_lower(group_pixel, group_grey, transposed, transposed_start, zero_
     n_groups = group_pixel.shape[0]
     for block in prange((n_groups + 63) // 64):
         end = min(n_groups, block * 64 + 64)
-        for b in range(transposed_start.shape[0]):
+        for b in range(group_pixel[end - 1]):  # groups come in pixel order: the block's highest pixel last
             for k in range(block * 64, end):
                 a, g = group_pixel[k], group_grey[k]
                 if b < a:
@@ -411,7 +415,7 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
         raise ValueError(f"labels must be below {MAX_LABELS}, got {n_labels - 1}")
     if n_pixels >= 1 << 24:
         raise ValueError(f"at most {(1 << 24) - 1} pixels per image")  # a row entry is pixel << 8 | grey, uint32
-    row_ptr, row_ent, col_ptr, col_img, col_pos = _sparse_layout(images, labels, is_score, n_labels)
+    row_ptr, row_ent, col_ptr, col_img, col_pos, work = _sparse_layout(images, labels, is_score, n_labels)
     fit_per_label = np.bincount(fit_labels, minlength=n_labels)  # (L,)
     # (P, 256, L) fitted images per pixel, grey and label: the fitted buckets, and grey 0 for the rest
     fit_counts = np.diff(col_ptr).reshape(n_pixels, LEVELS, 2, n_labels)[:, :, 0, :].copy()
@@ -445,13 +449,8 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     touched = np.zeros((threads, n_pixels), np.uint8)
     csum = np.zeros((threads, n_pixels), np.int64)
 
-    # Heaviest first pixels first, one per scheduling chunk, so the threads finish together. The walk of
-    # first pixel a takes one step per non-zero pixel of every image with a != 0: a table step for the pixels
-    # from a on, a cheaper count for those before it (weighted 2 : 1, about their cost).
-    nnz = np.diff(row_ptr)
-    before = np.arange(len(row_ent)) - np.repeat(row_ptr[:-1], nnz)  # entries before each one in its row
-    work = np.bincount(row_ent >> 8, weights=before + 2 * (np.repeat(nnz, nnz) - before),
-                       minlength=n_pixels).astype(np.int64)
+    # Heaviest first pixels first (`work` from the layout), one per scheduling chunk, so the threads finish
+    # together.
     order = np.argsort(-work, kind="stable")
     # Several kernel calls (one per progress update), each dealing its pixels to the threads round-robin:
     # numba splits a prange into one contiguous block per thread, so one call over the sorted order would
