@@ -37,8 +37,8 @@ with np.bincount (~2 ms a pair, ~11 minutes for 306,936 pairs). Here most grey l
              images with a non-zero pixel and AB with both non-zero (also from the walk).
 The same per-(a, g) counts give the adaptive bound (best b per g) and score held-out images. The adaptive
 bound needs second pixels on both sides of a; the half below a comes from the lower pixel's walk, which sums
-the same cells' maxima (one more field of the cell word) and hands them over in a (pixels x groups) uint16
-array (`_scan_pixels`, `_adaptive_lower`). The walk is a numba kernel, parallel over first pixels a with
+the same cells' maxima (one more field of the cell word) and hands them over in packed uint16 triangles
+(`_scan_pixels`, `_adaptive_lower`). The walk is a numba kernel, parallel over first pixels a with
 per-thread scratch, that prefetches the next image's row. Its table has one 64-bit word per cell (b, gb),
 indexed by the sparse row entry itself, holding the cell's best label count and the count of the label
 being walked (each group's images come label by label). A word written by another group reads as empty, so
@@ -120,8 +120,9 @@ def _prefetch(typingctx, array, index):
         pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]], wraparound=False)
         byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
         i32 = ir.IntType(32)
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer.type, i32, i32, i32]), "llvm.prefetch.p0")
+        # declare_intrinsic names it for the pointer type: llvm.prefetch.p0 (opaque) or .p0i8 (older LLVM)
+        function = builder.module.declare_intrinsic(
+            "llvm.prefetch", [byte_pointer.type], ir.FunctionType(ir.VoidType(), [byte_pointer.type, i32, i32, i32]))
         builder.call(function, [byte_pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.void(array, index), codegen
