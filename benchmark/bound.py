@@ -348,11 +348,15 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
         for b in range(n_pixels):
             fit_d[a, b] += d_base
             held_d[a, b] += hd_base
-        # Hand the summed cell maxima of the higher pixels' groups to their adaptive bound, clear the table.
-        for e in range(a * LEVELS, n_pixels * LEVELS):
-            if adaptive and e >= (a + 1) * LEVELS and group_index[e] >= 0:
-                transposed[transposed_start[a] + group_index[e]] = (np.int64(cells[e]) >> TRANSPOSED_SHIFT) & COUNT_MASK
-            cells[e] = 0
+        # Hand the summed cell maxima of the higher pixels' groups to their adaptive bound, then clear the
+        # cells this walk wrote (those of the pixels from a on).
+        if adaptive:
+            for e in range((a + 1) * LEVELS, n_pixels * LEVELS):
+                if group_index[e] >= 0:
+                    summed = (np.int64(cells[e]) >> TRANSPOSED_SHIFT) & COUNT_MASK
+                    transposed[transposed_start[a] + group_index[e]] = summed
+        for e in range(a * LEVELS, n_pixels * LEVELS):  # a loop: a slice assignment here (inside prange)
+            cells[e] = 0  # gave wrong counts when tried, the tests caught it
 
 
 @njit(parallel=True, cache=True)
@@ -421,13 +425,13 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     # (P, 256, L) fitted images per pixel, grey and label: the fitted buckets, and grey 0 for the rest
     fit_counts = np.diff(col_ptr).reshape(n_pixels, LEVELS, 2, n_labels)[:, :, 0, :].copy()
     fit_counts[:, 0, :] = fit_per_label - fit_counts.sum(1)
-    group_sizes = fit_counts.sum(2)  # (P, 256): fitted images per (pixel, grey)
-    group_sizes[:, 0] = 0  # grey 0 is not walked
+    fitted_per_grey = fit_counts.sum(2)  # (P, 256): fitted images per (pixel, grey)
+    group_sizes = np.where(np.arange(LEVELS) > 0, fitted_per_grey, 0)  # grey 0 is not walked
     if group_sizes.max(initial=0) > COUNT_MASK:
         raise ValueError(f"at most {COUNT_MASK} fitted images may show the same non-zero grey level at one pixel "
                          f"(a cell word's counts have {COUNT_BITS} bits); got {group_sizes.max()}")
     # the held-out fallback: majority label of the fitted images at (pixel, grey), else overall
-    row_major = np.where(fit_counts.sum(2) > 0, fit_counts.argmax(2), fit_per_label.argmax())
+    row_major = np.where(fitted_per_grey > 0, fit_counts.argmax(2), fit_per_label.argmax())
     # the walked groups (pixel, non-zero grey with fitted images), numbered in row-entry order
     group_cells = np.flatnonzero(group_sizes.ravel())
     group_index = np.full(n_pixels * LEVELS, -1, np.int64)
