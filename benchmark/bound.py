@@ -70,15 +70,8 @@ from numba.extending import intrinsic
 
 SUBSETS = ("all", "train", "test")
 LEVELS = 256  # grey levels of a uint8 pixel
-MAX_LABELS = 16  # a cell word keeps its best label in 4 bits
-# A cell word (uint64) of the walk's table, from the low bits up: the count of the current run's label, the
-# cell's best label count so far in its group, the transposed adaptive sum (see `_scan_pixels`), the best
-# label, and the run that last wrote it, run = (g + 1) << 4 | label for grey level g of the first pixel.
-COUNT_BITS = 15
-COUNT_MASK = (1 << COUNT_BITS) - 1  # so at most 32,767 fitted images may share one pixel's grey level
-BEST_SHIFT, TRANSPOSED_SHIFT, LABEL_SHIFT = COUNT_BITS, 2 * COUNT_BITS, 3 * COUNT_BITS
-RUN_SHIFT = LABEL_SHIFT + 4
-GROUP_SHIFT = RUN_SHIFT + 4  # the run's g + 1; runs stay below 2^13, so the word's top bit stays clear
+MAX_LABELS = 16  # the walk keeps its per-label counts of a group in arrays of this size
+HANDOVER_MAX = (1 << 16) - 1  # the adaptive hand-over keeps counts in 16 bits (see `_scan_pixels`)
 SIDE = 28
 
 
@@ -128,46 +121,66 @@ def _prefetch(typingctx, array, index):
     return types.void(array, index), codegen
 
 
-@njit(cache=True)
-def _sparse_layout(images, labels, is_score, n_labels):
-    """Both sparse views of the non-zero pixels of uint8 images (N, P).
+@njit(parallel=True, cache=True)
+def _sparse_layout(images, order, segment_start):
+    """Both sparse views of the non-zero pixels of uint8 images (N, P), taken in segments: image i of the
+    layout is images[order[i]], and segment s = scored * L + label holds layout images
+    segment_start[s]:segment_start[s + 1] (S = 2L segments).
 
     Row view: image i's non-zero pixels, ascending, are row_ent[row_ptr[i]:row_ptr[i + 1]], each uint32
-    pixel << 8 | grey, which is also the index of its cell (pixel, grey) in the walk's table.
-    Column view: col_img (nnz,) int32 image indices bucketed by (pixel, grey, scored, label); bucket
-    k = ((pixel * 256 + grey) * 2 + scored) * n_labels + label holds col_img[col_ptr[k]:col_ptr[k + 1]], and
-    col_pos (nnz,) int32 the position of that pixel's entry in the image's row (where its higher pixels start).
-    Also work (P,) int64: the cost of each first pixel's walk, counted as 2 per table step (the entries from
+    pixel << 8 | grey, which is also the index of its cell (pixel, grey) in the walk's cell arrays.
+    Column view: col_img (nnz,) int32 image indices bucketed by (pixel, grey, segment); bucket
+    k = (pixel * 256 + grey) * S + s holds col_img[col_ptr[k]:col_ptr[k + 1]], and col_pos (nnz,) int32 the
+    position of that pixel's entry in the image's row (where its higher pixels start).
+    Also work (P,) int64: the cost of each first pixel's walk, counted as 2 per cell step (the entries from
     the pixel's own on) and 1 per count (those before it), over the images with that pixel non-zero.
-    One pass over the pixels, then a counting sort of the row entries.
+    The row passes run in parallel over images, the bucketing over segments: a segment's images fill only
+    its own buckets, so a counting sort per segment needs no coordination.
     """
     n, p = images.shape
+    n_segments = segment_start.shape[0] - 1
+    row_len = np.zeros(n, np.int64)
+    for i in prange(n):
+        row_len[i] = np.count_nonzero(images[order[i]])
     row_ptr = np.zeros(n + 1, np.int64)
-    for i in range(n):
-        row_ptr[i + 1] = row_ptr[i] + np.count_nonzero(images[i])
+    row_ptr[1:] = np.cumsum(row_len)
     row_ent = np.empty(row_ptr[n], np.uint32)
-    bucket = np.zeros(p * LEVELS * 2 * n_labels + 1, np.int64)
-    q = 0
-    for i in range(n):
+    for i in prange(n):
+        q = row_ptr[i]
         for j in range(p):
-            v = images[i, j]
+            v = images[order[i], j]
             if v != 0:
                 row_ent[q] = (j << 8) | v
-                bucket[((j * LEVELS + v) * 2 + is_score[i]) * n_labels + labels[i] + 1] += 1
                 q += 1
-    col_ptr = np.cumsum(bucket)
-    col_img = np.empty(row_ptr[n], np.int32)
-    col_pos = np.empty(row_ptr[n], np.int32)
-    fill = col_ptr[:-1].copy()
-    work = np.zeros(p, np.int64)
-    for i in range(n):
-        for q in range(row_ptr[i], row_ptr[i + 1]):
-            k = (np.int64(row_ent[q]) * 2 + is_score[i]) * n_labels + labels[i]
-            col_img[fill[k]] = i
-            col_pos[fill[k]] = q
-            fill[k] += 1
-            work[row_ent[q] >> 8] += 2 * row_ptr[i + 1] - row_ptr[i] - q
-    return row_ptr, row_ent, col_ptr, col_img, col_pos, work
+    # prange splits into contiguous blocks per thread: interleave fitted and scored segments to balance them
+    half = n_segments // 2
+    counts = np.zeros((n_segments, p * LEVELS), np.int64)  # per segment and cell; then its bucket's fill point
+    work_by_segment = np.zeros((n_segments, p), np.int64)
+    for t in prange(n_segments):
+        s = (t % 2) * half + t // 2
+        for i in range(segment_start[s], segment_start[s + 1]):
+            for q in range(row_ptr[i], row_ptr[i + 1]):
+                counts[s, row_ent[q]] += 1
+                work_by_segment[s, row_ent[q] >> 8] += 2 * row_ptr[i + 1] - row_ptr[i] - q
+    col_ptr = np.empty(p * LEVELS * n_segments + 1, np.int64)
+    total = 0
+    for e in range(p * LEVELS):
+        for s in range(n_segments):
+            col_ptr[e * n_segments + s] = total
+            total += counts[s, e]
+            counts[s, e] = col_ptr[e * n_segments + s]
+    col_ptr[-1] = total
+    col_img = np.empty(total, np.int32)
+    col_pos = np.empty(total, np.int32)
+    for t in prange(n_segments):
+        s = (t % 2) * half + t // 2
+        for i in range(segment_start[s], segment_start[s + 1]):
+            for q in range(row_ptr[i], row_ptr[i + 1]):
+                k = counts[s, row_ent[q]]
+                col_img[k] = i
+                col_pos[k] = q
+                counts[s, row_ent[q]] = k + 1
+    return row_ptr, row_ent, col_ptr, col_img, col_pos, work_by_segment.sum(0)
 
 
 @njit(cache=True)
@@ -196,10 +209,42 @@ def _count_lower(row_ent, start, stop, label, n_labels, counts, touched):
         touched[b] = 1
 
 
+@njit(cache=True)
+def _at_least(value, floor):
+    """max(value, floor) by arithmetic: LLVM turns a max of a freshly loaded value into a branch, which the
+    cells' random counts mispredict."""
+    gap = np.int64(value) - floor
+    return floor + (gap & ~(gap >> 63))
+
+
+@njit(cache=True)
+def _step_cells(row_ent, start, stop, label, n_labels, run_base, run_offset, group_base, cell_count, cell_best,
+                cell_summed, cell_label, adaptive, scoring, sums, nz_fit, touched):
+    """One fitted image's steps on the cells of its row entries start..stop (the pixels b >= a); see
+    `_scan_pixels`. A function of its own, so that its arrays stay in registers."""
+    for q in range(start, stop):
+        e = np.int64(row_ent[q])
+        count = _at_least(cell_count[e], run_base) + 1
+        cell_count[e] = count
+        best = _at_least(cell_best[e], group_base)
+        raised = _at_least(count - run_offset, best)
+        cell_best[e] = raised
+        grew = raised - best
+        if adaptive:
+            cell_summed[e] += grew
+        if scoring and grew:  # ties keep the earlier (lower) label
+            cell_label[e] = label
+        b = e >> 8
+        sums[b] += grew
+        nz_fit[b * n_labels + label] += 1
+        touched[b] = 1
+
+
 @njit(parallel=True, cache=True)
 def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, row_major, group_index,
                  fit_y, fit_d, fit_ab, group_best, adaptive, transposed, transposed_start, zero_best, zero_start,
-                 held_y, held_d, score_ab, table, nzl_fit, nzl_score, touched_rows, csum):
+                 held_y, held_d, score_ab, cell_counts, cell_bests, cell_sums, cell_labels, nzl_fit, nzl_score,
+                 touched_rows, csum):
     """For each first pixel a in `pixels`, walk the images with a != 0, one grey level g of a at a time.
 
     Y is symmetric, so the walk of a builds the cells (ga, gb) of the pairs with b >= a only (the row entries
@@ -217,21 +262,28 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
     comes from a's counts: zero_best[zero_start[k] + b] for b < a. Both are packed uint16 triangles written
     in disjoint ranges per first pixel; `_adaptive_lower` adds them.
 
-    A group (a, g) visits its fitted images label by label, then its scored images. Each non-zero pixel
-    b >= a of an image is one step on the word of its cell (b, gb) in `table` (T, P * 256) uint64, indexed
-    by the row entry itself. The word holds the run that last wrote it: a word from another group reads as
-    empty and one from an earlier label of this group restarts the current count, so the table is cleared
-    only once per first pixel. When the current label's count passes the cell's best, the cell's maximum
-    grew by one, so the pixel's sum of cell maxima grows by one: the sum is exact after the last fitted
-    image without a pass over the cells. Scored images read the cell's best label.
+    A group (a, g) visits its fitted images label by label (one run per label), then its scored images. Each
+    non-zero pixel b >= a of an image is one step on its cell (b, gb), indexed by the row entry itself, in the
+    per-thread cell arrays (T, P * 256): cell_count (the count of the current run's label), cell_best (the
+    cell's best label count in the group), cell_summed (the adaptive sum above) and cell_label (the best label,
+    for scored images). Counts are stored on top of a base that grows through the walk of a, by each run's
+    length (cell_count) and each group's largest label count (cell_best), so a value written by an earlier run
+    or group is at most the current base and max(stored, base) - base is the live count: no clearing between
+    runs or groups, and no test of who wrote the cell. When the current label's count passes the cell's best,
+    the cell's maximum grew by one, so the pixel's sum of cell maxima grows by one: the sum is exact after the
+    last fitted image without a pass over the cells. Scored images read the best label of a cell whose best
+    is above the group's base (one this group wrote), else the fallback.
     Other scratch, one row per thread: nzl_fit, nzl_score (T, P * L) images with b != 0 per label;
     touched_rows (T, P) uint8 the pixels b the group showed; csum (T, P) sums of cell maxima.
     """
     n_pixels = fit_y.shape[0]
     for idx in prange(pixels.shape[0]):
         w = numba.get_thread_id()
-        cells, nz_fit, nz_score, touched, sums = table[w], nzl_fit[w], nzl_score[w], touched_rows[w], csum[w]
+        cell_count, cell_best, cell_summed, cell_label = cell_counts[w], cell_bests[w], cell_sums[w], cell_labels[w]
+        nz_fit, nz_score, touched, sums = nzl_fit[w], nzl_score[w], touched_rows[w], csum[w]
+        scoring = cell_label.shape[0] > 0
         a = pixels[idx]
+        run_base, group_base = 0, 0  # the cell arrays were cleared for this walk
         gcount_fit = np.zeros(MAX_LABELS, np.int64)
         gcount_score = np.zeros(MAX_LABELS, np.int64)
         t_cell = np.zeros(MAX_LABELS, np.int64)  # per label: the group minus b != 0 (absent labels stay 0)
@@ -272,10 +324,9 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                 else:  # no fitted image has a == g: the answer is each pair's fallback, per b
                     for b in range(n_pixels):
                         held_d[a, b] += gcount_score[_fallback(row_major, a, g, b, 0)]
-            stamp = g + 1
             fit_end = col_ptr[k0 + n_labels]
             for label in range(n_labels):
-                run = (stamp << 4) | label
+                run_offset = run_base - group_base
                 for j in range(col_ptr[k0 + label], col_ptr[k0 + label + 1]):
                     if j + 1 < fit_end:  # the next image's row is a random read: ask for it now
                         following = col_img[j + 1]
@@ -283,38 +334,25 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                             _prefetch(row_ent, q)
                     i = col_img[j]
                     _count_lower(row_ent, row_ptr[i], col_pos[j], label, n_labels, nz_fit, touched)
-                    for q in range(col_pos[j], row_ptr[i + 1]):
-                        e = np.int64(row_ent[q])
-                        word = np.int64(cells[e])
-                        same_group = (word >> GROUP_SHIFT) == stamp
-                        best = (word >> BEST_SHIFT) & COUNT_MASK if same_group else 0
-                        count = ((word & COUNT_MASK) if (word >> RUN_SHIFT) == run else 0) + 1
-                        grew = count > best
-                        best = max(best, count)
-                        # ties keep the earlier (lower) label; only scored images read it
-                        best_label = label if grew else (word >> LABEL_SHIFT) & (MAX_LABELS - 1)
-                        summed = ((word >> TRANSPOSED_SHIFT) & COUNT_MASK) + grew
-                        cells[e] = np.uint64((run << RUN_SHIFT) | (best_label << LABEL_SHIFT)
-                                             | (summed << TRANSPOSED_SHIFT) | (best << BEST_SHIFT) | count)
-                        b = e >> 8
-                        sums[b] += grew
-                        nz_fit[b * n_labels + label] += 1
-                        touched[b] = 1
+                    _step_cells(row_ent, col_pos[j], row_ptr[i + 1], label, n_labels, run_base, run_offset,
+                                group_base, cell_count, cell_best, cell_summed, cell_label, adaptive, scoring, sums,
+                                nz_fit, touched)
+                run_base += col_ptr[k0 + label + 1] - col_ptr[k0 + label]
             for label in range(n_labels):  # scored images: every fitted image of the group is counted
                 for j in range(col_ptr[k0 + n_labels + label], col_ptr[k0 + n_labels + label + 1]):
                     i = col_img[j]
                     _count_lower(row_ent, row_ptr[i], col_pos[j], label, n_labels, nz_score, touched)
                     for q in range(col_pos[j], row_ptr[i + 1]):
                         e = np.int64(row_ent[q])
-                        word = np.int64(cells[e])
                         b = e >> 8
-                        if (word >> GROUP_SHIFT) == stamp:
-                            pred = (word >> LABEL_SHIFT) & (MAX_LABELS - 1)
+                        if cell_best[e] > group_base:
+                            pred = cell_label[e]
                         else:
                             pred = _fallback(row_major, a, g, b, e & 255)
                         held_y[a, b] += pred == label
                         nz_score[b * n_labels + label] += 1
                         touched[b] = 1
+            group_base += group_max
             # Close the pixels b the group showed.
             best = group_max
             for b in range(n_pixels):
@@ -353,10 +391,12 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
         if adaptive:
             for e in range((a + 1) * LEVELS, n_pixels * LEVELS):
                 if group_index[e] >= 0:
-                    summed = (np.int64(cells[e]) >> TRANSPOSED_SHIFT) & COUNT_MASK
-                    transposed[transposed_start[a] + group_index[e]] = summed
-        for e in range(a * LEVELS, n_pixels * LEVELS):  # a loop: a slice assignment here (inside prange)
-            cells[e] = 0  # gave wrong counts when tried, the tests caught it
+                    transposed[transposed_start[a] + group_index[e]] = cell_summed[e]
+            for e in range(a * LEVELS, n_pixels * LEVELS):
+                cell_summed[e] = 0
+        for e in range(a * LEVELS, n_pixels * LEVELS):  # loops: a slice assignment here (inside prange)
+            cell_count[e] = 0  # gave wrong counts when tried, the tests caught it
+            cell_best[e] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -413,23 +453,26 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
         score_labels = np.zeros(0, np.int64)
     images = np.concatenate([fit_images, score_images]) if scored else fit_images
     labels = np.concatenate([fit_labels, score_labels])
-    is_score = np.repeat(np.array([0, 1], np.uint8), [len(fit_labels), len(score_labels)])
     n_pixels = images.shape[1]
     n_labels = int(labels.max()) + 1 if len(labels) else 1
     if n_labels > MAX_LABELS:
         raise ValueError(f"labels must be below {MAX_LABELS}, got {n_labels - 1}")
     if n_pixels >= 1 << 24:
         raise ValueError(f"at most {(1 << 24) - 1} pixels per image")  # a row entry is pixel << 8 | grey, uint32
-    row_ptr, row_ent, col_ptr, col_img, col_pos, work = _sparse_layout(images, labels, is_score, n_labels)
+    # the layout takes the images by segment (scored, label), so each bucket lists its images in that order
+    segment = np.repeat([0, n_labels], [len(fit_labels), len(score_labels)]) + labels
+    segment_start = np.concatenate([[0], np.cumsum(np.bincount(segment, minlength=2 * n_labels))])
+    row_ptr, row_ent, col_ptr, col_img, col_pos, work = _sparse_layout(
+        images, np.argsort(segment, kind="stable"), segment_start)
     fit_per_label = np.bincount(fit_labels, minlength=n_labels)  # (L,)
     # (P, 256, L) fitted images per pixel, grey and label: the fitted buckets, and grey 0 for the rest
     fit_counts = np.diff(col_ptr).reshape(n_pixels, LEVELS, 2, n_labels)[:, :, 0, :].copy()
     fit_counts[:, 0, :] = fit_per_label - fit_counts.sum(1)
     fitted_per_grey = fit_counts.sum(2)  # (P, 256): fitted images per (pixel, grey)
     group_sizes = np.where(np.arange(LEVELS) > 0, fitted_per_grey, 0)  # grey 0 is not walked
-    if group_sizes.max(initial=0) > COUNT_MASK:
-        raise ValueError(f"at most {COUNT_MASK} fitted images may show the same non-zero grey level at one pixel "
-                         f"(a cell word's counts have {COUNT_BITS} bits); got {group_sizes.max()}")
+    if adaptive and group_sizes.max(initial=0) > HANDOVER_MAX:
+        raise ValueError(f"at most {HANDOVER_MAX} fitted images may show the same non-zero grey level at one pixel "
+                         f"for the adaptive bound (its hand-over counts have 16 bits); got {group_sizes.max()}")
     # the held-out fallback: majority label of the fitted images at (pixel, grey), else overall
     row_major = np.where(fitted_per_grey > 0, fit_counts.argmax(2), fit_per_label.argmax())
     # the walked groups (pixel, non-zero grey with fitted images), numbered in row-entry order
@@ -438,7 +481,7 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     group_index[group_cells] = np.arange(len(group_cells))
     group_pixel, group_grey = np.divmod(group_cells, LEVELS)
     # the adaptive bound's hand-over triangles (`_scan_pixels`): pixel b's row holds the groups of the pixels
-    # above b, group k's row the pixels below its own; counts <= COUNT_MASK < 2^16
+    # above b, group k's row the pixels below its own; counts <= HANDOVER_MAX
     groups_above = len(group_cells) - np.searchsorted(group_pixel, np.arange(1, n_pixels + 1))  # (P,)
     transposed_start = np.concatenate([[0], np.cumsum(groups_above)[:-1]]) - (len(group_cells) - groups_above)
     zero_start = np.concatenate([[0], np.cumsum(group_pixel)[:-1]]).astype(np.int64)
@@ -449,7 +492,9 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     fit_ab, score_ab = (np.zeros((n_pixels, n_pixels, n_labels), np.int32) for _ in range(2))
     group_best = np.zeros((n_pixels, LEVELS), np.int64)
     threads = numba.get_num_threads()
-    table = np.zeros((threads, n_pixels * LEVELS), np.uint64)
+    cell_counts, cell_bests = (np.zeros((threads, n_pixels * LEVELS), np.int32) for _ in range(2))
+    cell_sums = np.zeros((threads, n_pixels * LEVELS if adaptive else 0), np.uint16)
+    cell_labels = np.zeros((threads, n_pixels * LEVELS if scored else 0), np.uint8)
     nzl_fit, nzl_score = (np.zeros((threads, n_pixels * n_labels), np.int32) for _ in range(2))
     touched = np.zeros((threads, n_pixels), np.uint8)
     csum = np.zeros((threads, n_pixels), np.int64)
@@ -470,8 +515,8 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
             for step in steps:
                 _scan_pixels(step, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, row_major, group_index,
                              fit_y, fit_d, fit_ab, group_best, adaptive, transposed, transposed_start,
-                             zero_best, zero_start, held_y, held_d, score_ab, table, nzl_fit, nzl_score, touched,
-                             csum)
+                             zero_best, zero_start, held_y, held_d, score_ab, cell_counts, cell_bests, cell_sums,
+                             cell_labels, nzl_fit, nzl_score, touched, csum)
                 advance(work[step].sum())
             if adaptive:
                 _adaptive_lower(group_pixel, group_grey, transposed, transposed_start, zero_best, zero_start,

@@ -196,17 +196,19 @@ def test_bad_options_give_one_line_error(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
 
 
-def test_inputs_beyond_the_cell_word_are_refused():
-    """A cell word keeps its best label in 4 bits and its counts in 15: label 16, or a pixel showing one
-    grey level in 32,768 fitted images, must be refused, not silently wrapped."""
+def test_inputs_beyond_the_limits_are_refused():
+    """Label 16 (the walk sizes its per-label scratch for 16 labels) and, for the adaptive bound, a pixel
+    showing one grey level in 65,536 fitted images (its hand-over counts have 16 bits) must be refused, not
+    silently wrapped; without the adaptive bound the same images are counted exactly."""
     images = np.array([[1, 2], [3, 4]], np.uint8)
     with pytest.raises(ValueError, match="labels must be below 16"):
         scan_pairs(images, np.array([0, 16]))
     assert scan_pairs(images, np.array([0, 15])).pairs[0, 1] == 2
-    every_third = (np.arange(32_768) % 3 == 0).astype(np.int64)  # label 1 for 10,923 images, 0 for the rest
-    with pytest.raises(ValueError, match="at most 32767 fitted images may show the same non-zero grey level"):
-        scan_pairs(np.ones((32_768, 2), np.uint8), every_third)
-    fullest = scan_pairs(np.ones((32_767, 2), np.uint8), every_third[:32_767])  # one cell holds every image
-    assert fullest.pairs[0, 1] == fullest.adaptive[1] == 32_767 - 10_923
+    every_third = (np.arange(65_536) % 3 == 0).astype(np.int64)  # label 1 for 21,846 images, 0 for the rest
+    with pytest.raises(ValueError, match="at most 65535 fitted images may show the same non-zero grey level"):
+        scan_pairs(np.ones((65_536, 2), np.uint8), every_third)
+    assert scan_pairs(np.ones((65_536, 2), np.uint8), every_third, adaptive=False).pairs[0, 1] == 65_536 - 21_846
+    fullest = scan_pairs(np.ones((65_535, 2), np.uint8), every_third[:65_535])  # one cell holds every image
+    assert fullest.pairs[0, 1] == fullest.adaptive[1] == 65_535 - 21_845
     widest = scan_pairs(np.ones((3, 2048), np.uint8), np.array([0, 1, 1]))  # no limit on the pixel count
     assert widest.pairs[0, 2047] == 2 and widest.adaptive[2047] == 2
