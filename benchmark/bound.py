@@ -200,13 +200,14 @@ def _fallback(row_major, first, g_first, other, g_other):
 
 
 @njit(cache=True)
-def _count_lower(row_ent, start, stop, label, n_labels, counts, touched):
-    """The pixels b of row entries start..stop (those below the first pixel): count the image in
-    counts[b * n_labels + label] and mark b touched; no cells, since their pairs are walked from b."""
+def _count_lower(row_ent, start, stop, counts, mark, touched):
+    """The pixels b of row entries start..stop (those below the first pixel): count the image in counts[b]
+    (the row of its label) and, if `mark`, mark b touched; no cells, since their pairs are walked from b."""
     for q in range(start, stop):
         b = np.int64(row_ent[q]) >> 8
-        counts[b * n_labels + label] += 1
-        touched[b] = 1
+        counts[b] += 1
+        if mark:
+            touched[b] = 1
 
 
 @njit(cache=True)
@@ -218,8 +219,8 @@ def _at_least(value, floor):
 
 
 @njit(cache=True)
-def _step_cells(row_ent, start, stop, label, n_labels, run_base, run_offset, group_base, cell_count, cell_best,
-                cell_summed, cell_label, adaptive, scoring, sums, nz_fit, touched):
+def _step_cells(row_ent, start, stop, label, run_base, run_offset, group_base, cell_count, cell_best,
+                cell_summed, cell_label, adaptive, scoring, sums, label_counts, touched):
     """One fitted image's steps on the cells of its row entries start..stop (the pixels b >= a); see
     `_scan_pixels`. A function of its own, so that its arrays stay in registers."""
     for q in range(start, stop):
@@ -236,8 +237,65 @@ def _step_cells(row_ent, start, stop, label, n_labels, run_base, run_offset, gro
             cell_label[e] = label
         b = e >> 8
         sums[b] += grew
-        nz_fit[b * n_labels + label] += 1
-        touched[b] = 1
+        label_counts[b] += 1
+        if scoring:
+            touched[b] = 1
+
+
+@njit(cache=True)
+def _close_fitted(a, group_max, gcount_fit, fit_labels, nz_fit, sums, zero_max, fit_d_row, fit_y_row, fit_ab_row,
+                  lower_best):
+    """Close group (a, g) for the fitted images, for every second pixel b at once (plain loops over b that
+    LLVM vectorises; a pixel no image of the group shows non-zero adds its cell (g, 0) = the whole group).
+
+    zero_max (P,) scratch: the best label count of the cell (g, 0), the group minus the images with b != 0,
+    added to the D term fit_d_row (P,); the labels' nz_fit rows (L, P) go into fit_ab_row (L, P) and are
+    cleared; the sums of cell maxima of b >= a into fit_y_row (P,) (and cleared); lower_best (a,) or empty
+    gets zero_max of the pixels below a (the adaptive hand-over). Returns the best count of a second pixel
+    b >= a on the group (at least the group's best label: a pixel that is zero throughout).
+    """
+    n_pixels = sums.shape[0]
+    for b in range(n_pixels):
+        zero_max[b] = 0
+    for c in fit_labels:
+        for b in range(n_pixels):
+            zero_max[b] = max(zero_max[b], gcount_fit[c] - nz_fit[c, b])
+            fit_ab_row[c, b] += nz_fit[c, b]
+            nz_fit[c, b] = 0
+    for b in range(n_pixels):
+        fit_d_row[b] += zero_max[b]
+    best = group_max
+    for b in range(a, n_pixels):
+        fit_y_row[b] += sums[b]
+        best = max(best, sums[b] + zero_max[b])
+        sums[b] = 0
+    for b in range(lower_best.shape[0]):
+        lower_best[b] = zero_max[b]
+    return best
+
+
+@njit(cache=True)
+def _close_scored(a, g, row_major, gcount_fit, gcount_score, fit_labels, score_labels, pred_all, n_fit, nz_fit,
+                  nz_score, touched, t_cell, held_d_row, score_ab_row):
+    """Close group (a, g) for its scored images, pixel by pixel over the pixels b the group showed (fitted
+    or scored): the held-out D term held_d_row (P,) gets the answer of cell (g, 0) (the best fitted label of
+    the group minus the images with b != 0, else the fallback) against the answer the untouched pixels got;
+    the scored nz rows go into score_ab_row (P, L) and are cleared, touched too. nz_fit is only read."""
+    for b in range(touched.shape[0]):
+        if touched[b] == 0:
+            continue
+        touched[b] = 0
+        zero_max = 0
+        t_cell[:] = 0
+        for c in fit_labels:
+            t_cell[c] = gcount_fit[c] - nz_fit[c, b]
+            zero_max = max(zero_max, t_cell[c])
+        untouched = pred_all if n_fit > 0 else _fallback(row_major, a, g, b, 0)
+        pred = _argmax(t_cell, 0, t_cell.shape[0]) if zero_max > 0 else _fallback(row_major, a, g, b, 0)
+        held_d_row[b] += gcount_score[pred] - nz_score[pred, b] - gcount_score[untouched]
+        for c in score_labels:
+            score_ab_row[b, c] += nz_score[c, b]
+            nz_score[c, b] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -250,7 +308,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
     Y is symmetric, so the walk of a builds the cells (ga, gb) of the pairs with b >= a only (the row entries
     from a's own on); the lower pixels b < a of each image are only counted (images with b != 0 per label, for
     the D and Z terms). Writes rows a of: fit_y (P, P) (the Y term for b >= a; zero below the diagonal),
-    fit_d (P, P) (the D term, all b), fit_ab (P, P, L) (fitted images with a and b non-zero, per label),
+    fit_d (P, P) (the D term, all b), fit_ab (P, L, P) (fitted images with a and b non-zero, per label),
     group_best (P, 256) (per non-zero grey g of a, the best single-pixel count of a second pixel b >= a on
     the images with a == g), held_y (b >= a), held_d and score_ab (the same for scored images, answered by
     the fitted tables). Rows of different a are independent, so threads write disjoint memory.
@@ -273,7 +331,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
     the cell's maximum grew by one, so the pixel's sum of cell maxima grows by one: the sum is exact after the
     last fitted image without a pass over the cells. Scored images read the best label of a cell whose best
     is above the group's base (one this group wrote), else the fallback.
-    Other scratch, one row per thread: nzl_fit, nzl_score (T, P * L) images with b != 0 per label;
+    Other scratch, one row per thread: nzl_fit, nzl_score (T, L, P) images with b != 0 per label;
     touched_rows (T, P) uint8 the pixels b the group showed; csum (T, P) sums of cell maxima.
     """
     n_pixels = fit_y.shape[0]
@@ -289,8 +347,9 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
         t_cell = np.zeros(MAX_LABELS, np.int64)  # per label: the group minus b != 0 (absent labels stay 0)
         fit_labels_seen = np.zeros(MAX_LABELS, np.int64)
         score_labels_seen = np.zeros(MAX_LABELS, np.int64)
-        d_base = 0  # D[a, b] of a pixel b no image of the group shows non-zero, summed over groups
-        hd_base = 0
+        zero_max = np.zeros(n_pixels, np.int64)
+        no_lower = np.zeros(0, np.uint16)
+        hd_base = 0  # the held-out D[a, b] of a pixel b no image of the group shows non-zero, summed over groups
         for g in range(1, LEVELS):
             k0 = (a * LEVELS + g) * 2 * n_labels  # the group's buckets: fitted by label, then scored by label
             if col_ptr[k0] == col_ptr[k0 + 2 * n_labels]:
@@ -302,7 +361,6 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
             n_fit = gcount_fit.sum()
             n_score = gcount_score.sum()
             # the labels the group has (small groups have few): only their counts can be non-zero
-            t_cell[:] = 0
             n_fit_labels, n_score_labels = 0, 0
             for c in range(n_labels):
                 if gcount_fit[c] > 0:
@@ -312,12 +370,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                     score_labels_seen[n_score_labels] = c
                     n_score_labels += 1
             pred_all = _argmax(gcount_fit, 0, n_labels)
-            # A pixel b never non-zero in the group has a single cell (g, 0) holding the whole group: the
-            # same value for every such b, added to all b below and corrected for the pixels seen.
-            d_base += group_max
             group = group_index[a * LEVELS + g]
-            if adaptive and n_fit > 0:
-                zero_best[zero_start[group]:zero_start[group] + a] = group_max
             if n_score > 0:
                 if n_fit > 0:
                     hd_base += gcount_score[pred_all]
@@ -333,15 +386,15 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                         for q in range(row_ptr[following], row_ptr[following + 1], 16):
                             _prefetch(row_ent, q)
                     i = col_img[j]
-                    _count_lower(row_ent, row_ptr[i], col_pos[j], label, n_labels, nz_fit, touched)
-                    _step_cells(row_ent, col_pos[j], row_ptr[i + 1], label, n_labels, run_base, run_offset,
-                                group_base, cell_count, cell_best, cell_summed, cell_label, adaptive, scoring, sums,
-                                nz_fit, touched)
+                    _count_lower(row_ent, row_ptr[i], col_pos[j], nz_fit[label], scoring, touched)
+                    _step_cells(row_ent, col_pos[j], row_ptr[i + 1], label, run_base, run_offset, group_base,
+                                cell_count, cell_best, cell_summed, cell_label, adaptive, scoring, sums, nz_fit[label],
+                                touched)
                 run_base += col_ptr[k0 + label + 1] - col_ptr[k0 + label]
             for label in range(n_labels):  # scored images: every fitted image of the group is counted
                 for j in range(col_ptr[k0 + n_labels + label], col_ptr[k0 + n_labels + label + 1]):
                     i = col_img[j]
-                    _count_lower(row_ent, row_ptr[i], col_pos[j], label, n_labels, nz_score, touched)
+                    _count_lower(row_ent, row_ptr[i], col_pos[j], nz_score[label], True, touched)
                     for q in range(col_pos[j], row_ptr[i + 1]):
                         e = np.int64(row_ent[q])
                         b = e >> 8
@@ -350,41 +403,17 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                         else:
                             pred = _fallback(row_major, a, g, b, e & 255)
                         held_y[a, b] += pred == label
-                        nz_score[b * n_labels + label] += 1
+                        nz_score[label, b] += 1
                         touched[b] = 1
             group_base += group_max
-            # Close the pixels b the group showed.
-            best = group_max
-            for b in range(n_pixels):
-                if touched[b] == 0:
-                    continue
-                touched[b] = 0
-                zero_max = 0  # best label count of the cell (g, 0): the group minus b != 0
-                for k in range(n_fit_labels):
-                    c = fit_labels_seen[k]
-                    t_cell[c] = gcount_fit[c] - nz_fit[b * n_labels + c]
-                    zero_max = max(zero_max, t_cell[c])
-                    fit_ab[a, b, c] += nz_fit[b * n_labels + c]
-                    nz_fit[b * n_labels + c] = 0
-                fit_d[a, b] += zero_max - group_max
-                if b >= a:
-                    fit_y[a, b] += sums[b]
-                    best = max(best, sums[b] + zero_max)
-                    sums[b] = 0
-                elif adaptive and n_fit > 0:
-                    zero_best[zero_start[group] + b] = zero_max
-                if n_score > 0:
-                    untouched = pred_all if n_fit > 0 else _fallback(row_major, a, g, b, 0)
-                    pred = _argmax(t_cell, 0, n_labels) if zero_max > 0 else _fallback(row_major, a, g, b, 0)
-                    held_d[a, b] += (gcount_score[pred] - nz_score[b * n_labels + pred]
-                                     - gcount_score[untouched])
-                    for k in range(n_score_labels):
-                        c = score_labels_seen[k]
-                        score_ab[a, b, c] += nz_score[b * n_labels + c]
-                        nz_score[b * n_labels + c] = 0
-            group_best[a, g] = best
+            if n_score > 0:
+                _close_scored(a, g, row_major, gcount_fit, gcount_score, fit_labels_seen[:n_fit_labels],
+                              score_labels_seen[:n_score_labels], pred_all, n_fit, nz_fit, nz_score, touched, t_cell,
+                              held_d[a], score_ab[a])
+            lower_best = zero_best[zero_start[group]:zero_start[group] + a] if adaptive and n_fit > 0 else no_lower
+            group_best[a, g] = _close_fitted(a, group_max, gcount_fit, fit_labels_seen[:n_fit_labels], nz_fit, sums,
+                                             zero_max, fit_d[a], fit_y[a], fit_ab[a], lower_best)
         for b in range(n_pixels):
-            fit_d[a, b] += d_base
             held_d[a, b] += hd_base
         # Hand the summed cell maxima of the higher pixels' groups to their adaptive bound, then clear the
         # cells this walk wrote (those of the pixels from a on).
@@ -489,13 +518,14 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     zero_best = np.zeros(group_pixel.sum() if adaptive else 0, np.uint16)
 
     fit_y, fit_d, held_y, held_d = (np.zeros((n_pixels, n_pixels), np.int64) for _ in range(4))
-    fit_ab, score_ab = (np.zeros((n_pixels, n_pixels, n_labels), np.int32) for _ in range(2))
+    fit_ab = np.zeros((n_pixels, n_labels, n_pixels), np.int32)
+    score_ab = np.zeros((n_pixels, n_pixels, n_labels), np.int32)
     group_best = np.zeros((n_pixels, LEVELS), np.int64)
     threads = numba.get_num_threads()
     cell_counts, cell_bests = (np.zeros((threads, n_pixels * LEVELS), np.int32) for _ in range(2))
     cell_sums = np.zeros((threads, n_pixels * LEVELS if adaptive else 0), np.uint16)
     cell_labels = np.zeros((threads, n_pixels * LEVELS if scored else 0), np.uint8)
-    nzl_fit, nzl_score = (np.zeros((threads, n_pixels * n_labels), np.int32) for _ in range(2))
+    nzl_fit, nzl_score = (np.zeros((threads, n_labels, n_pixels), np.int32) for _ in range(2))
     touched = np.zeros((threads, n_pixels), np.uint8)
     csum = np.zeros((threads, n_pixels), np.int64)
 
@@ -526,8 +556,9 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     fit_y += np.triu(fit_y, 1).T  # the walk filled b >= a; Y is symmetric
     held_y += np.triu(held_y, 1).T
 
-    nonzero_fit = np.diagonal(fit_ab).T.astype(np.int64)  # (P, L): b = a is non-zero exactly when a is
-    zero_zero = (fit_per_label - nonzero_fit[:, None, :] - nonzero_fit[None, :, :] + fit_ab)  # (P, P, L)
+    # (P, L): b = a is non-zero exactly when a is
+    nonzero_fit = np.diagonal(fit_ab, axis1=0, axis2=2).T.astype(np.int64)
+    zero_zero = fit_per_label - nonzero_fit[:, None, :] - nonzero_fit[None, :, :] + fit_ab.transpose(0, 2, 1)  # (P, P, L)
     z = zero_zero.max(2)
     pairs = fit_y + fit_d + fit_d.T + z
     # With a == 0 the second pixel b sees the cells (0, gb): D[b, a] for gb != 0 and Z[a, b] for gb = 0.
