@@ -71,7 +71,10 @@ from numba.extending import intrinsic
 SUBSETS = ("all", "train", "test")
 LEVELS = 256  # grey levels of a uint8 pixel
 MAX_LABELS = 16  # the walk keeps its per-label counts of a group in arrays of this size
-HANDOVER_MAX = (1 << 16) - 1  # the adaptive hand-over keeps counts in 16 bits (see `_scan_pixels`)
+# A cell (b, gb) of the walk is one uint32: the current run's label count (on its base) in the low 16 bits, the
+# cell's best label count (on its base) in the high 16 (see `_scan_pixels`).
+BEST_SHIFT = 16
+COUNT_MASK = (1 << 16) - 1  # also the most fitted images one (pixel, non-zero grey) may have
 SIDE = 28
 
 
@@ -219,17 +222,25 @@ def _at_least(value, floor):
 
 
 @njit(cache=True)
-def _step_cells(row_ent, start, stop, label, run_base, run_offset, group_base, cell_count, cell_best,
-                cell_summed, cell_label, adaptive, scoring, sums, label_counts, touched):
+def _clear(values, start):
+    """values[start:] = 0, as a loop: a slice assignment inside the `prange` body gave wrong counts when
+    tried (the tests caught it)."""
+    for e in range(start, values.shape[0]):
+        values[e] = 0
+
+
+@njit(cache=True)
+def _step_cells(row_ent, start, stop, label, run_base, run_offset, group_base, cells, cell_summed, cell_label,
+                adaptive, scoring, sums, label_counts, touched):
     """One fitted image's steps on the cells of its row entries start..stop (the pixels b >= a); see
     `_scan_pixels`. A function of its own, so that its arrays stay in registers."""
     for q in range(start, stop):
         e = np.int64(row_ent[q])
-        count = _at_least(cell_count[e], run_base) + 1
-        cell_count[e] = count
-        best = _at_least(cell_best[e], group_base)
+        word = np.int64(cells[e])
+        count = _at_least(word & COUNT_MASK, run_base) + 1
+        best = _at_least(word >> BEST_SHIFT, group_base)
         raised = _at_least(count - run_offset, best)
-        cell_best[e] = raised
+        cells[e] = (raised << BEST_SHIFT) | count
         grew = raised - best
         if adaptive:
             cell_summed[e] += grew
@@ -301,7 +312,7 @@ def _close_scored(a, g, row_major, gcount_fit, gcount_score, fit_labels, score_l
 @njit(parallel=True, cache=True)
 def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, row_major, group_index,
                  fit_y, fit_d, fit_ab, group_best, adaptive, transposed, transposed_start, zero_best, zero_start,
-                 held_y, held_d, score_ab, cell_counts, cell_bests, cell_sums, cell_labels, nzl_fit, nzl_score,
+                 held_y, held_d, score_ab, cell_words, cell_sums, cell_labels, nzl_fit, nzl_score,
                  touched_rows, csum):
     """For each first pixel a in `pixels`, walk the images with a != 0, one grey level g of a at a time.
 
@@ -337,11 +348,11 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
     n_pixels = fit_y.shape[0]
     for idx in prange(pixels.shape[0]):
         w = numba.get_thread_id()
-        cell_count, cell_best, cell_summed, cell_label = cell_counts[w], cell_bests[w], cell_sums[w], cell_labels[w]
+        cells, cell_summed, cell_label = cell_words[w], cell_sums[w], cell_labels[w]
         nz_fit, nz_score, touched, sums = nzl_fit[w], nzl_score[w], touched_rows[w], csum[w]
         scoring = cell_label.shape[0] > 0
         a = pixels[idx]
-        run_base, group_base = 0, 0  # the cell arrays were cleared for this walk
+        run_base, group_base = 0, 0  # the cells were cleared for this walk
         gcount_fit = np.zeros(MAX_LABELS, np.int64)
         gcount_score = np.zeros(MAX_LABELS, np.int64)
         t_cell = np.zeros(MAX_LABELS, np.int64)  # per label: the group minus b != 0 (absent labels stay 0)
@@ -377,6 +388,9 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                 else:  # no fitted image has a == g: the answer is each pair's fallback, per b
                     for b in range(n_pixels):
                         held_d[a, b] += gcount_score[_fallback(row_major, a, g, b, 0)]
+            if run_base + n_fit > COUNT_MASK:  # the bases would overflow a cell's 16-bit fields: start afresh
+                _clear(cells, a * LEVELS)
+                run_base, group_base = 0, 0
             fit_end = col_ptr[k0 + n_labels]
             for label in range(n_labels):
                 run_offset = run_base - group_base
@@ -388,7 +402,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                     i = col_img[j]
                     _count_lower(row_ent, row_ptr[i], col_pos[j], nz_fit[label], scoring, touched)
                     _step_cells(row_ent, col_pos[j], row_ptr[i + 1], label, run_base, run_offset, group_base,
-                                cell_count, cell_best, cell_summed, cell_label, adaptive, scoring, sums, nz_fit[label],
+                                cells, cell_summed, cell_label, adaptive, scoring, sums, nz_fit[label],
                                 touched)
                 run_base += col_ptr[k0 + label + 1] - col_ptr[k0 + label]
             for label in range(n_labels):  # scored images: every fitted image of the group is counted
@@ -398,7 +412,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
                     for q in range(col_pos[j], row_ptr[i + 1]):
                         e = np.int64(row_ent[q])
                         b = e >> 8
-                        if cell_best[e] > group_base:
+                        if (np.int64(cells[e]) >> BEST_SHIFT) > group_base:
                             pred = cell_label[e]
                         else:
                             pred = _fallback(row_major, a, g, b, e & 255)
@@ -421,11 +435,8 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
             for e in range((a + 1) * LEVELS, n_pixels * LEVELS):
                 if group_index[e] >= 0:
                     transposed[transposed_start[a] + group_index[e]] = cell_summed[e]
-            for e in range(a * LEVELS, n_pixels * LEVELS):
-                cell_summed[e] = 0
-        for e in range(a * LEVELS, n_pixels * LEVELS):  # loops: a slice assignment here (inside prange)
-            cell_count[e] = 0  # gave wrong counts when tried, the tests caught it
-            cell_best[e] = 0
+            _clear(cell_summed, a * LEVELS)
+        _clear(cells, a * LEVELS)
 
 
 @njit(parallel=True, cache=True)
@@ -499,9 +510,9 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     fit_counts[:, 0, :] = fit_per_label - fit_counts.sum(1)
     fitted_per_grey = fit_counts.sum(2)  # (P, 256): fitted images per (pixel, grey)
     group_sizes = np.where(np.arange(LEVELS) > 0, fitted_per_grey, 0)  # grey 0 is not walked
-    if adaptive and group_sizes.max(initial=0) > HANDOVER_MAX:
-        raise ValueError(f"at most {HANDOVER_MAX} fitted images may show the same non-zero grey level at one pixel "
-                         f"for the adaptive bound (its hand-over counts have 16 bits); got {group_sizes.max()}")
+    if group_sizes.max(initial=0) > COUNT_MASK:
+        raise ValueError(f"at most {COUNT_MASK} fitted images may show the same non-zero grey level at one pixel "
+                         f"(a cell keeps its counts in 16 bits); got {group_sizes.max()}")
     # the held-out fallback: majority label of the fitted images at (pixel, grey), else overall
     row_major = np.where(fitted_per_grey > 0, fit_counts.argmax(2), fit_per_label.argmax())
     # the walked groups (pixel, non-zero grey with fitted images), numbered in row-entry order
@@ -510,7 +521,7 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     group_index[group_cells] = np.arange(len(group_cells))
     group_pixel, group_grey = np.divmod(group_cells, LEVELS)
     # the adaptive bound's hand-over triangles (`_scan_pixels`): pixel b's row holds the groups of the pixels
-    # above b, group k's row the pixels below its own; counts <= HANDOVER_MAX
+    # above b, group k's row the pixels below its own; counts <= COUNT_MASK
     groups_above = len(group_cells) - np.searchsorted(group_pixel, np.arange(1, n_pixels + 1))  # (P,)
     transposed_start = np.concatenate([[0], np.cumsum(groups_above)[:-1]]) - (len(group_cells) - groups_above)
     zero_start = np.concatenate([[0], np.cumsum(group_pixel)[:-1]]).astype(np.int64)
@@ -522,7 +533,7 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     score_ab = np.zeros((n_pixels, n_pixels, n_labels), np.int32)
     group_best = np.zeros((n_pixels, LEVELS), np.int64)
     threads = numba.get_num_threads()
-    cell_counts, cell_bests = (np.zeros((threads, n_pixels * LEVELS), np.int32) for _ in range(2))
+    cell_words = np.zeros((threads, n_pixels * LEVELS), np.uint32)
     cell_sums = np.zeros((threads, n_pixels * LEVELS if adaptive else 0), np.uint16)
     cell_labels = np.zeros((threads, n_pixels * LEVELS if scored else 0), np.uint8)
     nzl_fit, nzl_score = (np.zeros((threads, n_labels, n_pixels), np.int32) for _ in range(2))
@@ -545,7 +556,7 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
             for step in steps:
                 _scan_pixels(step, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, row_major, group_index,
                              fit_y, fit_d, fit_ab, group_best, adaptive, transposed, transposed_start,
-                             zero_best, zero_start, held_y, held_d, score_ab, cell_counts, cell_bests, cell_sums,
+                             zero_best, zero_start, held_y, held_d, score_ab, cell_words, cell_sums,
                              cell_labels, nzl_fit, nzl_score, touched, csum)
                 advance(work[step].sum())
             if adaptive:

@@ -197,9 +197,8 @@ def test_bad_options_give_one_line_error(tmp_path, args, message):
 
 
 def test_inputs_beyond_the_limits_are_refused():
-    """Label 16 (the walk sizes its per-label scratch for 16 labels) and, for the adaptive bound, a pixel
-    showing one grey level in 65,536 fitted images (its hand-over counts have 16 bits) must be refused, not
-    silently wrapped; without the adaptive bound the same images are counted exactly."""
+    """Label 16 (the walk sizes its per-label scratch for 16 labels) and a pixel showing one grey level in
+    65,536 fitted images (a cell keeps its counts in 16 bits) must be refused, not silently wrapped."""
     images = np.array([[1, 2], [3, 4]], np.uint8)
     with pytest.raises(ValueError, match="labels must be below 16"):
         scan_pairs(images, np.array([0, 16]))
@@ -207,8 +206,21 @@ def test_inputs_beyond_the_limits_are_refused():
     every_third = (np.arange(65_536) % 3 == 0).astype(np.int64)  # label 1 for 21,846 images, 0 for the rest
     with pytest.raises(ValueError, match="at most 65535 fitted images may show the same non-zero grey level"):
         scan_pairs(np.ones((65_536, 2), np.uint8), every_third)
-    assert scan_pairs(np.ones((65_536, 2), np.uint8), every_third, adaptive=False).pairs[0, 1] == 65_536 - 21_846
     fullest = scan_pairs(np.ones((65_535, 2), np.uint8), every_third[:65_535])  # one cell holds every image
     assert fullest.pairs[0, 1] == fullest.adaptive[1] == 65_535 - 21_845
     widest = scan_pairs(np.ones((3, 2048), np.uint8), np.array([0, 1, 1]))  # no limit on the pixel count
     assert widest.pairs[0, 2047] == 2 and widest.adaptive[2047] == 2
+
+
+def test_a_walk_past_16_bits_of_counts_restarts_its_cells():
+    """A first pixel non-zero in more than 65,535 fitted images makes its cells' bases pass 16 bits, so the
+    walk clears its cells and starts afresh mid-way: every count must still equal the brute force."""
+    rng = np.random.default_rng(3)
+    images = np.where(rng.random((75_000, 3)) < 0.1, 0, rng.integers(1, 9, size=(75_000, 3))).astype(np.uint8)
+    labels = rng.integers(0, 3, size=75_000)
+    assert (images != 0).sum(0).min() > 65_535
+    fast = scan_pairs(images, labels, images[:300], labels[:300])
+    pairs, adaptive, heldout = brute_force(images, labels, images[:300], labels[:300])
+    np.testing.assert_array_equal(fast.pairs, pairs)
+    np.testing.assert_array_equal(fast.adaptive, adaptive)
+    np.testing.assert_array_equal(fast.heldout, heldout)
