@@ -206,8 +206,8 @@ def _fallback(row_major, first, g_first, other, g_other):
 def _count_lower(row_ent, start, stop, counts, mark, touched):
     """The pixels b of row entries start..stop (those below the first pixel): count the image in counts[b]
     (the row of its label) and, if `mark`, mark b touched; no cells, since their pairs are walked from b."""
-    for q in range(start, stop):
-        b = np.int64(row_ent[q]) >> 8
+    for entry in row_ent[start:stop]:  # iterating a slice: no negative-index fix-up per step
+        b = np.int64(entry) >> 8
         counts[b] += 1
         if mark:
             touched[b] = 1
@@ -234,8 +234,8 @@ def _step_cells(row_ent, start, stop, label, run_base, run_offset, group_base, c
                 adaptive, scoring, sums, label_counts, touched):
     """One fitted image's steps on the cells of its row entries start..stop (the pixels b >= a); see
     `_scan_pixels`. A function of its own, so that its arrays stay in registers."""
-    for q in range(start, stop):
-        e = np.int64(row_ent[q])
+    for entry in row_ent[start:stop]:  # iterating a slice: no negative-index fix-up per step
+        e = np.int64(entry)
         word = np.int64(cells[e])
         count = _at_least(word & COUNT_MASK, run_base) + 1
         best = _at_least(word >> BEST_SHIFT, group_base)
