@@ -446,13 +446,20 @@ def _adaptive_lower(group_pixel, group_grey, transposed, transposed_start, zero_
     consecutive groups, so the reads of both triangles stay in cache."""
     n_groups = group_pixel.shape[0]
     for block in prange((n_groups + 63) // 64):
-        end = min(n_groups, block * 64 + 64)
-        for b in range(group_pixel[end - 1]):  # groups come in pixel order: the block's highest pixel last
-            for k in range(block * 64, end):
-                a, g = group_pixel[k], group_grey[k]
-                if b < a:
-                    lower = np.int64(transposed[transposed_start[b] + k]) + np.int64(zero_best[zero_start[k] + b])
-                    group_best[a, g] = max(group_best[a, g], lower)
+        start, end = block * 64, min(n_groups, block * 64 + 64)
+        best = np.empty(end - start, np.int64)
+        for k in range(start, end):
+            best[k - start] = group_best[group_pixel[k], group_grey[k]]
+        first = start  # groups come in pixel order: those of pixels above b are the block's tail from here
+        for b in range(group_pixel[end - 1]):
+            while group_pixel[first] <= b:
+                first += 1
+            row = transposed_start[b]
+            for k in range(first, end):
+                lower = np.int64(transposed[row + k]) + np.int64(zero_best[zero_start[k] + b])
+                best[k - start] = max(best[k - start], lower)
+        for k in range(start, end):
+            group_best[group_pixel[k], group_grey[k]] = best[k - start]
 
 
 # --------------------------------------------------------------------------------------------------------
