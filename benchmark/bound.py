@@ -37,14 +37,15 @@ with np.bincount (~2 ms a pair, ~11 minutes for 306,936 pairs). Here most grey l
              images with a non-zero pixel and AB with both non-zero (also from the walk).
 The same per-(a, g) counts give the adaptive bound (best b per g) and score held-out images. The adaptive
 bound needs second pixels on both sides of a; the half below a comes from the lower pixel's walk, which sums
-the same cells' maxima (one more field of the cell word) and hands them over in packed uint16 triangles
+the same cells' maxima (a separate 16-bit count per cell) and hands them over in packed uint16 triangles
 (`_scan_pixels`, `_adaptive_lower`). The walk is a numba kernel, parallel over first pixels a with
-per-thread scratch, that prefetches the next image's row. Its table has one 64-bit word per cell (b, gb),
-indexed by the sparse row entry itself, holding the cell's best label count and the count of the label
-being walked (each group's images come label by label). A word written by another group reads as empty, so
-the table is cleared only once per first pixel, and since a cell's maximum grows by one exactly when the
-current label's count passes it, each pixel's sum of cell maxima is kept up to date step by step: one
-read-modify-write per step, no second pass over the cells.
+per-thread scratch, that prefetches the next image's row. Its table has one uint32 per cell (b, gb), indexed
+by the sparse row entry itself: the count of the label being walked (each group's images come label by label)
+and the cell's best label count, each stored on a base that grows through the walk, so a value left by an
+earlier label or group reads as zero and the table is cleared only once per first pixel. A cell's maximum
+grows by one exactly when the current label's count passes it, so each pixel's sum of cell maxima is kept up
+to date step by step: one read-modify-write per step, no second pass over the cells. Each group is then
+closed for all second pixels at once, in loops over b that the compiler vectorises.
 With CUDA, a torch path (batched bincount) computes the in-sample counts with identical results.
 
 Outputs of `run_bound` in the output folder: summary.json, pairs.npy (784 x 784 int64, symmetric, diagonal =
@@ -333,12 +334,14 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
 
     A group (a, g) visits its fitted images label by label (one run per label), then its scored images. Each
     non-zero pixel b >= a of an image is one step on its cell (b, gb), indexed by the row entry itself, in the
-    per-thread cell arrays (T, P * 256): cell_count (the count of the current run's label), cell_best (the
-    cell's best label count in the group), cell_summed (the adaptive sum above) and cell_label (the best label,
-    for scored images). Counts are stored on top of a base that grows through the walk of a, by each run's
-    length (cell_count) and each group's largest label count (cell_best), so a value written by an earlier run
-    or group is at most the current base and max(stored, base) - base is the live count: no clearing between
-    runs or groups, and no test of who wrote the cell. When the current label's count passes the cell's best,
+    per-thread arrays (T, P * 256): cell_words uint32 (low 16 bits the count of the current run's label, high
+    16 the cell's best label count in the group), cell_sums uint16 (the adaptive sum above; empty without
+    `adaptive`) and cell_labels uint8 (the best label, for scored images; empty without them). Counts are stored
+    on top of a base that grows through the walk of a, by each run's length (the count) and each group's
+    largest label count (the best), so a value written by an earlier run or group is at most the current base
+    and max(stored, base) - base is the live count: no clearing between runs or groups, and no test of who
+    wrote the cell. A walk whose bases would pass 16 bits (more than 65,535 fitted images with a != 0) clears
+    its cells and starts its bases afresh. When the current label's count passes the cell's best,
     the cell's maximum grew by one, so the pixel's sum of cell maxima grows by one: the sum is exact after the
     last fitted image without a pass over the cells. Scored images read the best label of a cell whose best
     is above the group's base (one this group wrote), else the fallback.
