@@ -234,7 +234,7 @@ def _clear(values, start):
 def _step_cells(row_ent, start, stop, label, run_base, run_offset, group_base, cells, cell_summed, cell_label,
                 adaptive, scoring, sums, label_counts, touched):
     """One fitted image's steps on the cells of its row entries start..stop (the pixels b >= a); see
-    `_scan_pixels`. A function of its own, so that its arrays stay in registers."""
+    `_scan_pixels`."""
     for entry in row_ent[start:stop]:  # iterating a slice: no negative-index fix-up per step
         e = np.int64(entry)
         word = np.int64(cells[e])
@@ -358,7 +358,7 @@ def _scan_pixels(pixels, row_ptr, row_ent, col_ptr, col_img, col_pos, n_labels, 
         run_base, group_base = 0, 0  # the cells were cleared for this walk
         gcount_fit = np.zeros(MAX_LABELS, np.int64)
         gcount_score = np.zeros(MAX_LABELS, np.int64)
-        t_cell = np.zeros(MAX_LABELS, np.int64)  # per label: the group minus b != 0 (absent labels stay 0)
+        t_cell = np.zeros(MAX_LABELS, np.int64)  # `_close_scored`'s scratch
         fit_labels_seen = np.zeros(MAX_LABELS, np.int64)
         score_labels_seen = np.zeros(MAX_LABELS, np.int64)
         zero_max = np.zeros(n_pixels, np.int64)
@@ -490,7 +490,7 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
     `pairs`, `adaptive`). score_images (M, ...) / score_labels (M,), optional: held-out images scored
     against those tables (`heldout`, fallback as in the module docstring). progress: if given, the
     description of a rich progress bar on stderr. adaptive=False skips the adaptive bound (its hand-over
-    arrays take 4 bytes per pixel and group, ~440 MB for all of MNIST); `adaptive` is then None.
+    triangles take 4 bytes per group and pixel below it, ~230 MB for all of MNIST); `adaptive` is then None.
     """
     fit_images, fit_labels = _check_images(fit_images, fit_labels)
     scored = score_images is not None
@@ -540,7 +540,7 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
 
     fit_y, fit_d, held_y, held_d = (np.zeros((n_pixels, n_pixels), np.int64) for _ in range(4))
     fit_ab = np.zeros((n_pixels, n_labels, n_pixels), np.int32)
-    score_ab = np.zeros((n_pixels, n_pixels, n_labels), np.int32)
+    score_ab = np.zeros((n_pixels, n_pixels if scored else 0, n_labels), np.int32)  # only scored groups fill it
     group_best = np.zeros((n_pixels, LEVELS), np.int64)
     threads = numba.get_num_threads()
     cell_words = np.zeros((threads, n_pixels * LEVELS), np.uint32)
@@ -579,7 +579,8 @@ def scan_pairs(fit_images: np.ndarray, fit_labels: np.ndarray, score_images: np.
 
     # (P, L): b = a is non-zero exactly when a is
     nonzero_fit = np.diagonal(fit_ab, axis1=0, axis2=2).T.astype(np.int64)
-    zero_zero = fit_per_label - nonzero_fit[:, None, :] - nonzero_fit[None, :, :] + fit_ab.transpose(0, 2, 1)  # (P, P, L)
+    zero_zero = (fit_per_label - nonzero_fit[:, None, :] - nonzero_fit[None, :, :]
+                 + fit_ab.transpose(0, 2, 1))  # (P, P, L)
     z = zero_zero.max(2)
     pairs = fit_y + fit_d + fit_d.T + z
     # With a == 0 the second pixel b sees the cells (0, gb): D[b, a] for gb != 0 and Z[a, b] for gb = 0.
