@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from benchmark.errors import BenchError
 from benchmark.runs import load_model, load_run, save_run
-from benchmark.train import (TrainConfig, balanced_subset, make_optimizer, pick_device, random_affine,
+from benchmark.train import (TrainConfig, balanced_subset, make_optimizer, pick_device, random_distortion,
                              resolve_config, to_float, train_model, training_loss)
 from models import create_model, parameter_count
 
@@ -44,16 +45,31 @@ def test_balanced_subset_has_equal_classes_and_is_seeded():
     assert np.bincount(labels[balanced_subset(labels, 23, 0)], minlength=10).tolist() == [3, 3, 3] + [2] * 7
 
 
-def test_random_affine_identity_and_shift():
+def test_random_distortion_identity_and_shift():
     x = torch.zeros(4, 1, 28, 28)
     x[:, 0, 10:18, 12:16] = 1.0
     still = TrainConfig(max_rotation=0, max_scale=0, max_shear=0, max_shift=0)
-    torch.testing.assert_close(random_affine(x, still, torch.Generator().manual_seed(0)), x, atol=1e-5, rtol=0)
-    moved = random_affine(x, TrainConfig(), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(random_distortion(x, still, torch.Generator().manual_seed(0)), x, atol=1e-5, rtol=0)
+    moved = random_distortion(x, TrainConfig(), torch.Generator().manual_seed(0))
     assert moved.shape == x.shape
     assert not torch.allclose(moved, x)
     # ink is moved, not created: total intensity changes only by resampling/scaling, not by a lot
     assert torch.allclose(moved.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.35)
+
+
+def test_elastic_distortion_is_a_smooth_field_of_the_stated_strength():
+    # A horizontal ramp (grey = column / 27) read back after resampling gives each pixel's horizontal
+    # displacement exactly (bilinear sampling is exact on a linear ramp), away from the borders.
+    ramp = (torch.arange(28.0) / 27).expand(64, 1, 28, 28).contiguous()
+    cfg = TrainConfig(max_rotation=0, max_scale=0, max_shear=0, max_shift=0, elastic=34.0, elastic_sigma=4.0)
+    shifted = random_distortion(ramp, cfg, torch.Generator().manual_seed(0))
+    dx = ((shifted - ramp) * 27)[:, 0, 6:22, 6:22]  # pixels; interior, where no sample falls outside
+    # uniform [-1, 1] noise (sd 1/sqrt(3)) smoothed by a unit-sum Gaussian of sd s keeps sd / (2 sqrt(pi) s)
+    expected_sd = 34.0 / math.sqrt(3) / (2 * math.sqrt(math.pi) * 4.0)
+    assert 0.7 * expected_sd < dx.std().item() < 1.3 * expected_sd
+    neighbours = torch.corrcoef(torch.stack([dx[:, :, :-1].flatten(), dx[:, :, 1:].flatten()]))[0, 1]
+    assert neighbours > 0.9  # smooth, unlike per-pixel noise (correlation 0)
+    assert not torch.equal(dx[0], dx[1])  # each image gets its own field
 
 
 @pytest.fixture(scope="module")
