@@ -37,11 +37,14 @@ CNN_RECIPE = dict(epochs=16, batch_size=128, optimizer="sgd", lr=0.2, momentum=0
                   schedule="onecycle", label_smoothing=0.1, augment=True)
 
 
-# The same net and schedule with elastic distortions on top of the affine ones, at the strength Simard et al.
-# (2003) used for MNIST (alpha 34 px, sigma 4 px: displacements of about 1.4 px, smooth over a stroke's length).
-# Members trained on differently distorted digits err on different test images, which is what an ensemble needs.
+# The same net and schedule with elastic distortions on top of the affine ones, meant as ensemble members that
+# err on other test images. The strength is the milder of the two published settings tried, chosen on
+# validation: Ciresan et al. (2010), alpha 36 px, sigma 6 px (displacements of about 1 px, smooth over a
+# stroke's length), val 16 / 16 errors for seeds 0 / 1, against 35 / 41 for Simard et al. (2003), alpha 34 px,
+# sigma 4 px. Both are worse than the affine-only cnn (val 11-14): with this net and 16 epochs, elastic
+# distortion does not pay (see the README results table).
 @register_model("cnn-elastic", "the cnn trained with elastic distortions added to the affine augmentation",
-                **CNN_RECIPE, elastic=34.0, elastic_sigma=4.0)
+                **CNN_RECIPE, elastic=36.0, elastic_sigma=6.0)
 @register_model("cnn", "VGG-style ConvNet, batch norm, affine augmentation (strong baseline)", **CNN_RECIPE)
 def build_cnn(width: int = 32) -> nn.Module:
     return ConvNet(width)
