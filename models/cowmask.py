@@ -95,6 +95,22 @@ from models.cnn import ConvNet
 from models.registry import register_model
 
 
+def smooth_noise(noise: torch.Tensor, sigma: torch.Tensor, radius: int, padding: int) -> torch.Tensor:
+    """Filter each of n noise fields (n, H, W) with its own Gaussian of sd `sigma` (n,) pixels, truncated at
+    `radius` and of unit sum: (n, H + 2 padding - 2 radius, W + ...).
+
+    Separable (rows, then columns), one grouped convolution for the whole batch. `padding` zeros are added on
+    each side: `radius` keeps the size, 0 keeps only the part every tap covers (draw the noise with a margin).
+    Also the elastic distortion of `benchmark.train.random_distortion`: the same field, unthresholded.
+    """
+    n = noise.shape[0]
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernels = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernels = kernels / kernels.sum(1, keepdim=True)  # (n, 2r+1)
+    smooth = F.conv2d(noise.unsqueeze(0), kernels.view(n, 1, 1, -1), padding=(0, padding), groups=n)
+    return F.conv2d(smooth, kernels.view(n, 1, -1, 1), padding=(padding, 0), groups=n).squeeze(0)
+
+
 def cow_masks(n: int, size: int = 28, proportion: float | torch.Tensor = 0.5,
               sigma_range: tuple[float, float] = (3.0, 12.0), generator: torch.Generator | None = None,
               device: torch.device | str = "cpu") -> torch.Tensor:
@@ -104,14 +120,9 @@ def cow_masks(n: int, size: int = 28, proportion: float | torch.Tensor = 0.5,
     """
     log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
     sigma = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=generator))
-    noise = torch.randn(n, 1, size, size, generator=generator)
+    noise = torch.randn(n, size, size, generator=generator)
     radius = int(math.ceil(3 * sigma_range[1]))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernels = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))
-    kernels = kernels / kernels.sum(1, keepdim=True)  # (n, 2r+1), one 1-D Gaussian per mask
-    # One grouped convolution filters every mask with its own kernel: rows, then columns (separable).
-    smooth = F.conv2d(noise.view(1, n, size, size), kernels.view(n, 1, 1, -1), padding=(0, radius), groups=n)
-    smooth = F.conv2d(smooth, kernels.view(n, 1, -1, 1), padding=(radius, 0), groups=n).view(n, -1)
+    smooth = smooth_noise(noise, sigma, radius, padding=radius).view(n, -1)
     # Threshold each mask at its own order statistic so that exactly round(p * size^2) pixels are kept.
     keep = torch.as_tensor(proportion, dtype=torch.float32).expand(n)
     dropped = ((1 - keep) * size * size).round().long().clamp(0, size * size - 1)
