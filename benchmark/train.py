@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -208,6 +208,8 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     second_view = semi_supervised and getattr(model, "second_view", False)
     if second_view and not cfg.augment:
         raise BenchError(f"model {name}: second_view needs augmentation (without it both views are the same image)")
+    # the model may ask for a stronger distortion of the second view (FixMatch's weak and strong views)
+    second_cfg = replace(cfg, **getattr(model, "second_view_distortion", {}))
     x_unlabelled = to_float(data.train_images[unlabelled_idx]) if semi_supervised else None
     channels_last = device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     if channels_last:  # oneDNN convolutions run ~1.5x faster in NHWC on the CPU
@@ -216,9 +218,9 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     batches_per_epoch = math.ceil(len(x_unlabelled if semi_supervised else x_fit) / cfg.batch_size)
     opt, sched = make_optimizer(model, cfg, cfg.epochs * batches_per_epoch)
 
-    def prepare(x: torch.Tensor) -> torch.Tensor:
+    def prepare(x: torch.Tensor, distortion: TrainConfig = cfg) -> torch.Tensor:
         if cfg.augment:
-            x = random_distortion(x, cfg, gen)
+            x = random_distortion(x, distortion, gen)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(device)
@@ -241,7 +243,7 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
                 if semi_supervised:
                     raw = x_unlabelled[next(unlabelled_batches)]
                     xu = prepare(raw)
-                    xu_second = prepare(raw) if second_view else None
+                    xu_second = prepare(raw, second_cfg) if second_view else None
                 loss = training_loss(model, x, y, cfg.label_smoothing, xu, xu_second)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

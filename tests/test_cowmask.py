@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 
 import pytest
@@ -231,3 +232,53 @@ def test_the_loop_passes_an_independent_second_augmentation_only_when_asked(mnis
         cfg = resolve_config("cowmask", labels=20, epochs=1, train_subset=128, augment=False,
                              model_kwargs={"second_view": True})
         train_model("cowmask", cfg, mnist, 0, torch.device("cpu"), show_progress=False)
+
+
+def test_sharpened_targets_are_gated_on_the_teachers_unsharpened_confidence():
+    """Erase mode, a teacher 60 % sure: gate 0.7 drops it even when sharpening would make it surer; with no
+    gate the student is pulled to softmax(logits / T)."""
+    torch.manual_seed(0)
+    logits = torch.zeros(10)
+    logits[4] = math.log(0.6 * 9 / 0.4)  # p(4) = 0.6, the rest share 0.4
+
+    class UnsureTeacher(torch.nn.Module):
+        def forward(self, images):
+            return logits.expand(len(images), 10)
+
+    x, y, unlabelled = torch.rand(4, 1, 28, 28), torch.arange(4), torch.rand(4, 1, 28, 28)
+
+    def loss(confidence, sharpen):
+        model = create_model("cowmask", mode="erase", rampup_steps=0, confidence=confidence, sharpen=sharpen,
+                             width=4).eval()
+        model.teacher = UnsureTeacher()
+        model.sample_masks = lambda n, device: (torch.ones(n, 1, 28, 28), torch.ones(n))  # erase nothing
+        with torch.no_grad():
+            student = F.softmax(model.student(unlabelled), dim=1)
+            return model.training_loss(x, y, 0.0, unlabelled), model.training_loss(x, y, 0.0), student
+
+    gated, supervised, _ = loss(confidence=0.7, sharpen=0.1)
+    assert torch.allclose(gated, supervised)
+    sharpened, supervised, student = loss(confidence=0.0, sharpen=0.5)
+    target = F.softmax(logits / 0.5, dim=0)
+    assert target[4] > 0.8  # sharper than the teacher's 0.6
+    assert torch.allclose(sharpened, supervised + ((student - target) ** 2).sum(1).mean(), atol=1e-6)
+
+
+def test_only_the_second_view_gets_the_elastic_distortion_asked_for(mnist, monkeypatch):
+    import benchmark.train
+
+    strengths = []  # (alpha, sigma) of every distortion the loop draws, in order
+    original = benchmark.train.random_distortion
+
+    def spy(x, cfg, gen):
+        strengths.append((cfg.elastic, cfg.elastic_sigma))
+        return original(x, cfg, gen)
+
+    monkeypatch.setattr(benchmark.train, "random_distortion", spy)
+    cfg = resolve_config("cowmask", labels=20, epochs=1, train_subset=128, batch_size=64,
+                         model_kwargs={"width": 4, "second_view": True, "second_view_elastic": (34, 4)})
+    train_model("cowmask", cfg, mnist, seed=0, device=torch.device("cpu"), show_progress=False)
+    # per step: the labelled batch, the teacher's view, the student's view
+    assert strengths == [(0.0, 4.0), (0.0, 4.0), (34.0, 4.0)] * 2
+    with pytest.raises(ValueError, match="also give second_view=True"):
+        create_model("cowmask", second_view_elastic=(34, 4))
