@@ -159,9 +159,9 @@ class MeanTeacher(nn.Module):
         self.ema_decay, self.mode, self.confidence = ema_decay, mode, confidence
         self.readable, self.calibrate = readable, calibrate
         self.second_view = second_view  # the training loop then passes a second augmentation of the batch
-        if second_view_elastic is not None and not second_view:
-            raise ValueError("second_view_elastic distorts the second view: also give second_view=True")
         if second_view_elastic is not None:  # ...distorted by these TrainConfig fields on top of the affine map
+            if not second_view:
+                raise ValueError("second_view_elastic distorts the second view: also give second_view=True")
             alpha, sigma = second_view_elastic
             self.second_view_distortion = {"elastic": float(alpha), "elastic_sigma": float(sigma)}
         self.consistency_weight, self.sharpen = consistency_weight, sharpen
@@ -192,12 +192,14 @@ class MeanTeacher(nn.Module):
             return loss
         with torch.no_grad():
             teacher_logits = self.teacher(unlabelled)
-        teacher_probs = F.softmax(teacher_logits / self.sharpen, dim=1)
+        teacher_probs = F.softmax(teacher_logits, dim=1)
         student_view = unlabelled if second_view is None else second_view
         masks, _ = self.sample_masks(len(unlabelled), unlabelled.device)
         # Only targets the teacher is confident about count (judged before sharpening). A uniform guess is
         # never confident, so the collapse to one answer for every image (always consistent) earns nothing.
-        confident = (F.softmax(teacher_logits, dim=1).max(1).values >= self.confidence).float()
+        confident = (teacher_probs.max(1).values >= self.confidence).float()
+        if self.sharpen != 1.0:
+            teacher_probs = F.softmax(teacher_logits / self.sharpen, dim=1)
         answers = teacher_probs.argmax(1)
         if self.mode == "erase":
             perturbed, targets, sources = student_view * masks, teacher_probs, answers[:, None]
