@@ -64,6 +64,8 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
           batch_size: Optional[int] = typer.Option(None, help="Batch size (default: the model's)."),
           labels: Optional[int] = typer.Option(None, help="Use only N labelled fit images (class-balanced, seeded)."),
           glimpses: Optional[int] = typer.Option(None, help="glimpse model: number of glimpses K (default 25)."),
+          teacher: Optional[str] = typer.Option(None, help="Distil: with --labels N, the other fit images are "
+                                                "targeted at this run's probabilities (same labels and seed)."),
           model_option: List[str] = typer.Option([], "--set", help="Model option KEY=VALUE, repeatable (e.g. "
                                                  "--set pool=max for softorder); names the run unless --name."),
           train_subset: Optional[int] = typer.Option(None, help="Use only the first N fit images (smoke tests)."),
@@ -84,7 +86,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     if glimpses is not None and model != "glimpse":
         raise BenchError(f"--glimpses applies to the glimpse model only, not {model}")
     try:
-        cfg = resolve_config(model, epochs=epochs, lr=lr, batch_size=batch_size, labels=labels,
+        cfg = resolve_config(model, epochs=epochs, lr=lr, batch_size=batch_size, labels=labels, teacher=teacher,
                              train_subset=train_subset, keep_best=keep_best or None)
     except KeyError as exc:
         raise BenchError(str(exc.args[0])) from None
@@ -97,12 +99,14 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     cfg.model_kwargs = {**cfg.model_kwargs, **options}
     ws = workspace_path(workspace)
     torch_device = pick_device(device)
+    teacher_model = load_teacher(ws, teacher, labels, seed) if teacher else None
     mnist = load_mnist(data_dir, ws)
     option_tags = "".join(f"-k{value}" if key == "glimpses" else "-" + re.sub(r"[^\w.-]", "", f"{key}{value}")
                           for key, value in options.items())  # glimpses=2 -> -k2, pool=max -> -poolmax
-    run_name = name or (f"{model}{option_tags}{'-best' if keep_best else ''}-s{seed}" + (f"-l{labels}" if labels else ""))
+    run_name = name or (f"{model}{option_tags}{'-best' if keep_best else ''}-s{seed}" + (f"-l{labels}" if labels else "")
+                        + (f"-from-{teacher}" if teacher else ""))
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
-    result = train_model(model, cfg, mnist, seed, torch_device)
+    result = train_model(model, cfg, mnist, seed, torch_device, teacher=teacher_model)
     val_labels = mnist.train_labels[result.val_indices]
     meta = {
         "name": run_name, "model": model, "seed": seed, "config": asdict(cfg), "parameters": result.parameters,
@@ -136,6 +140,22 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     console.print(f"{run_name}: validation errors {meta['val_errors']}/{meta['val_size']}, "
                   f"test errors {meta['test_errors']}/{meta['test_size']} "
                   f"({100 * meta['test_errors'] / meta['test_size']:.2f}%), {meta['train_seconds']:.0f} s -> {path}")
+
+
+def load_teacher(ws: Path, name: str, labels: Optional[int], seed: int):
+    """The model of run `name`, checked to have learnt from the labelled images the student will use: the same
+    --labels N and seed (which draws them). Any other teacher has seen labels of images the student is told are
+    unlabelled, and its soft targets would leak them."""
+    from benchmark.runs import load_model, load_run
+
+    run = load_run(ws, name)
+    if labels is None:
+        raise BenchError("--teacher needs --labels N: the student keeps N labels, the teacher targets the rest")
+    if (run.meta["config"].get("labels"), run.meta["seed"]) != (labels, seed):
+        raise BenchError(f"--teacher {name} was trained with --labels {run.meta['config'].get('labels')} "
+                         f"--seed {run.meta['seed']}; give the student the same (--labels {labels} --seed {seed} "
+                         f"here), so it uses no labels the teacher did not")
+    return load_model(run)
 
 
 @app.command()

@@ -43,6 +43,7 @@ class TrainConfig:
     elastic: float = 0.0  # elastic distortion strength alpha in pixels (Simard et al. 2003); 0 = affine only
     elastic_sigma: float = 4.0  # smoothing scale of the elastic displacement field, pixels
     labels: int | None = None  # train on this many labelled images only (class-balanced, seeded)
+    teacher: str | None = None  # run whose probabilities on the other fit images are their targets (distillation)
     keep_best: bool = False  # end with the weights of the epoch with the fewest validation errors (latest on ties)
     train_subset: int | None = None  # first N fit (and unlabelled) images: tests and smoke runs
     model_kwargs: dict = field(default_factory=dict)
@@ -180,8 +181,14 @@ class TrainResult:
 
 
 def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: torch.device,
-                show_progress: bool = True) -> TrainResult:
-    """Train registry model `name` with `cfg` on the fit split; returns the model and its probabilities."""
+                show_progress: bool = True, teacher: nn.Module | None = None) -> TrainResult:
+    """Train registry model `name` with `cfg` on the fit split; returns the model and its probabilities.
+
+    With `cfg.labels` and a `teacher` (the model of run `cfg.teacher`, trained on the same labelled images),
+    the model is a student (self-training, as Noisy Student, Xie et al. 2020): the labelled images keep their
+    labels, every other fit image gets the teacher's probabilities on it (clean, unaugmented) as a soft target,
+    and the student trains on all of them with its usual augmentation.
+    """
     torch.manual_seed(seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
@@ -202,6 +209,17 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
 
     model = create_model(name, **cfg.model_kwargs).to(device)
     semi_supervised = getattr(model, "uses_unlabelled", False)
+    if (teacher is None) != (cfg.teacher is None) or (teacher is not None and unlabelled_idx is None):
+        raise BenchError("distillation needs both --teacher RUN and --labels N (the teacher's labelled images)")
+    if teacher is not None:
+        if semi_supervised or hasattr(model, "training_loss"):
+            raise BenchError(f"--teacher: model {name} has its own training loss; distil into a model trained "
+                             f"by cross-entropy (cnn, mixer, softorder, mlp)")
+        x_unlabelled = to_float(data.train_images[unlabelled_idx])
+        # soft targets, (N, 10): one-hot labels, then the teacher's probabilities; F.cross_entropy takes both
+        y_fit = torch.cat([F.one_hot(y_fit.long(), 10).float(),
+                           torch.from_numpy(predict_probs(teacher.to(device), x_unlabelled, device))])
+        x_fit = torch.cat([x_fit, x_unlabelled])
     if semi_supervised and unlabelled_idx is None:
         raise BenchError(f"model {name} is semi-supervised: give --labels N (labelled images; the rest are unlabelled)")
     # a model may ask for a second, independently augmented view of the same unlabelled images

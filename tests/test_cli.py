@@ -126,3 +126,18 @@ def test_glimpses_flag_and_set_option_train_the_same_named_run(tmp_path, mnist_d
         meta = json.loads((ws / "runs" / "glimpse-k2-s0" / "meta.json").read_text())
         assert meta["config"]["model_kwargs"]["glimpses"] == 2
         assert len(meta["step_accuracy"]) == len(meta["val_step_accuracy_rounded"]) == 2
+
+
+def test_a_teacher_must_have_learnt_from_the_students_labels(tmp_path):
+    from benchmark.runs import save_run
+
+    meta = {"name": "teacher", "model": "cowmask", "seed": 1, "config": {"labels": 1000, "model_kwargs": {}}}
+    save_run(tmp_path, "teacher", meta, np.full((10000, 10), 0.1, dtype=np.float32))
+    for args, message in [(["--labels", "1000", "--seed", "0"], "trained with --labels 1000 --seed 1; give the student"),
+                          (["--labels", "500", "--seed", "1"], "trained with --labels 1000 --seed 1; give the student"),
+                          (["--seed", "1"], "--teacher needs --labels N")]:
+        result = CliRunner().invoke(app, ["train", "--model", "cnn", "--teacher", "teacher", *args,
+                                          "--workspace", str(tmp_path)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert message in result.output, result.output
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["teacher"]

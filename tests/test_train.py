@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -151,3 +152,38 @@ def test_keep_best_ends_with_the_weights_of_the_best_validation_epoch(mnist, mon
     for key, value in result.model.state_dict().items():
         torch.testing.assert_close(value, states[result.kept_epoch - 1][key])
     assert not all(torch.equal(states[1][k], states[2][k]) for k in states[1])  # epochs 2 and 3 differ
+
+
+class ConstantTeacher(torch.nn.Module):
+    """Says 3 to every image, and keeps the images it was asked about."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return torch.full((len(x), 10), -10.0).index_fill_(1, torch.tensor([3]), 10.0)
+
+
+def test_a_student_learns_the_teachers_answers_on_exactly_the_unlabelled_images(mnist):
+    cfg = resolve_config("mlp", epochs=3, labels=10, train_subset=300)
+    teacher = ConstantTeacher()
+    student = train_model("mlp", replace(cfg, teacher="constant"), mnist, seed=0, device=torch.device("cpu"),
+                          show_progress=False, teacher=teacher)
+    fit_idx = mnist.validation_split()[0]
+    unlabelled = np.delete(fit_idx, balanced_subset(mnist.train_labels[fit_idx], 10, seed=0))[:300]
+    torch.testing.assert_close(torch.cat(teacher.seen), to_float(mnist.train_images[unlabelled]))
+    # 300 of its 310 targets say 3: so does the student; on its 10 labels alone it would say 3 about 1 in 10
+    alone = train_model("mlp", cfg, mnist, seed=0, device=torch.device("cpu"), show_progress=False)
+    assert (student.val_probs.argmax(1) == 3).mean() > 0.9
+    assert (alone.val_probs.argmax(1) == 3).mean() < 0.5
+
+
+def test_distillation_needs_the_teacher_and_a_labelled_subset(mnist):
+    cfg = resolve_config("mlp", epochs=1, train_subset=100)
+    with pytest.raises(BenchError, match="needs both --teacher RUN and --labels N"):
+        train_model("mlp", replace(cfg, teacher="constant"), mnist, 0, torch.device("cpu"), False, ConstantTeacher())
+    with pytest.raises(BenchError, match="has its own training loss"):
+        train_model("glimpse", replace(cfg, labels=10, teacher="constant"), mnist, 0, torch.device("cpu"), False,
+                    ConstantTeacher())
