@@ -212,14 +212,14 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     if (teacher is None) != (cfg.teacher is None) or (teacher is not None and unlabelled_idx is None):
         raise BenchError("distillation needs both --teacher RUN and --labels N (the teacher's labelled images)")
     if teacher is not None:
-        if semi_supervised or hasattr(model, "training_loss"):
+        if hasattr(model, "training_loss"):  # cowmask, glimpse, generator: their losses take class labels
             raise BenchError(f"--teacher: model {name} has its own training loss; distil into a model trained "
                              f"by cross-entropy (cnn, mixer, softorder, mlp)")
-        x_unlabelled = to_float(data.train_images[unlabelled_idx])
+        x_rest = to_float(data.train_images[unlabelled_idx])
         # soft targets, (N, 10): one-hot labels, then the teacher's probabilities; F.cross_entropy takes both
         y_fit = torch.cat([F.one_hot(y_fit.long(), 10).float(),
-                           torch.from_numpy(predict_probs(teacher.to(device), x_unlabelled, device))])
-        x_fit = torch.cat([x_fit, x_unlabelled])
+                           torch.from_numpy(predict_probs(teacher.to(device), x_rest, device))])
+        x_fit = torch.cat([x_fit, x_rest])
     if semi_supervised and unlabelled_idx is None:
         raise BenchError(f"model {name} is semi-supervised: give --labels N (labelled images; the rest are unlabelled)")
     # a model may ask for a second, independently augmented view of the same unlabelled images
