@@ -71,6 +71,16 @@ policies is found. Started on the best pair of the exhaustive two-pixel search o
 (406, 409) (`bench bound --subset train`), the sigma-2 quantised K = 2 runs reach 36.18 / 35.94 / 34.92 %
 validation and 36.64 / 36.24 / 36.55 % test for seeds 0-2, and the second glimpse still moves with the
 first reading (2 to 10 distinct pixels per seed).
+
+A policy over pixels (`policy="grid"`, a departure from the continuous coordinate the issue asks for): every
+step the policy MLP gives one number per pixel, its estimate of how much reading that pixel now would lower
+the cross-entropy (the conditional mutual information of pixel and label given the readings so far, in the
+discriminative form of Gadgil, Covert and Lee 2024, "Estimating conditional mutual information for dynamic
+feature selection"), and the glimpse reads the best pixel not read yet: a greedy information-maximising
+policy that can go anywhere in one step and never repeats a pixel. The estimates learn by regression on the
+drop in cross-entropy each reading actually gave, for the pixel read; to visit every pixel, a share
+`explore` of the glimpses (falling linearly to 0 over `explore_steps`) reads a random unread pixel instead.
+Readings are whole pixels, so bilinear and rounded readings are the same pixel by construction.
 """
 
 from __future__ import annotations
@@ -120,10 +130,16 @@ def read_pixels(images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 class GlimpseNet(nn.Module):
     def __init__(self, glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                  snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
-                 explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None):
+                 explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None,
+                 policy: str = "coordinate"):
         super().__init__()
         if glimpses < 1:
             raise ValueError(f"glimpses={glimpses}: need at least one glimpse")
+        if policy not in ("coordinate", "grid"):
+            raise ValueError(f"policy={policy!r}: expected 'coordinate' or 'grid'")
+        if policy == "grid" and not (0 < explore <= 1 and start is None and glimpses <= SIDE * SIDE):
+            raise ValueError("policy='grid' learns from glimpses at random pixels: give explore in (0, 1] (their "
+                             f"first share), no start, and at most {SIDE * SIDE} glimpses")
         if quantise and explore <= 0:
             raise ValueError("quantise acts on exploring glimpses only: give explore > 0 with it")
         if start is None:
@@ -134,13 +150,15 @@ class GlimpseNet(nn.Module):
             start_pixels = torch.tensor([divmod(p, SIDE) for p in start], dtype=torch.float32)
         self.glimpses, self.snap, self.move_scale = glimpses, snap, move_scale
         self.explore, self.explore_steps, self.quantise, self.steps_taken = explore, explore_steps, quantise, 0
+        self.grid = policy == "grid"
         self.embed = PointEmbedding(hidden, features)
         self.histogram = SoftHistogram(features, bins)
         self.state_size = features * bins
         self.encoder = nn.Sequential(nn.Linear(self.state_size + 1, hidden), nn.ReLU(),
                                      nn.Linear(hidden, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, 10)
-        self.policy = nn.Sequential(nn.Linear(hidden + 10, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        self.policy = nn.Sequential(nn.Linear(hidden + 10, hidden), nn.ReLU(),
+                                    nn.Linear(hidden, SIDE * SIDE if self.grid else 2))
         # Step t looks first at its start pixel (sigmoid-logit space; an edge pixel just inside the edge); the
         # learned base and the policy's offset start at zero.
         self.register_buffer("start", torch.logit(start_pixels / (SIDE - 1), eps=1e-3))
@@ -149,8 +167,10 @@ class GlimpseNet(nn.Module):
         nn.init.zeros_(self.policy[-1].bias)
 
     def run(self, x: torch.Tensor, rounded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Images (B, 1, 28, 28) -> logits of every step (K, B, 10), the glimpse coordinates (K, B, 2) and,
-        when training with exploration, the (scaled) log-likelihood of each explored sample (K, B), else None.
+        """Images (B, 1, 28, 28) -> logits of every step (K, B, 10), the glimpse coordinates (K, B, 2) and
+        what the policy's loss needs (K, B), else None: with `policy="grid"` the estimated gain of each read
+        pixel; when training a coordinate policy with exploration, the (scaled) log-likelihood of each
+        explored sample.
 
         The coordinates are the continuous ones the policy chose. Training and `rounded` read (and embed)
         the pixel nearest to each; evaluation without `rounded` reads the bilinear blend at the coordinate
@@ -160,26 +180,35 @@ class GlimpseNet(nn.Module):
         hist_sum = x.new_zeros(b, self.state_size)
         z = self.encoder(x.new_zeros(b, self.state_size + 1))  # code of the empty state
         probs = x.new_full((b, 10), 0.1)  # the uniform first guess
-        all_logits, all_coords, all_logp = [], [], []
+        all_logits, all_coords, all_policy_terms = [], [], []
+        if self.grid:
+            unread = torch.ones(b, SIDE * SIDE, dtype=torch.bool, device=x.device)
         for t in range(1, self.glimpses + 1):
             # detach: the policy reads the state but does not backpropagate into it (see the module notes)
             where = self.policy(torch.cat([z, probs], dim=1).detach())
-            coords = (SIDE - 1) * torch.sigmoid(self.start[t - 1] + self.move_scale * (self.base[t - 1] + where))
-            if self.explore > 0 and self.quantise:  # commit to the nearest pixel centre (straight-through)
-                coords = coords + (coords.round() - coords).detach()
-            if self.training and self.explore > 0:  # positions learn from REINFORCE only, not the read slope
-                sigma = self.exploration()
-                sample = (coords.detach() + sigma * torch.randn_like(coords)).clamp(0, SIDE - 1)
-                # log-likelihood of the sample times (sigma / explore)^2: unscaled, its gradient
-                # (sample - mean) / sigma^2 grows without bound as sigma anneals to 0 and the positions
-                # random-walk; scaled, the moves fade out with the exploration
-                all_logp.append(-((sample - coords) ** 2).sum(1) / (2 * self.explore ** 2))
-                read_at = sample.round()
-            elif rounded or self.training:
-                # the nearest pixel; straight-through, so the coordinate still gets the bilinear slope
-                read_at = coords + (coords.round() - coords).detach()
+            if self.grid:  # `where` is the estimated drop in cross-entropy of reading each pixel now
+                choice = self.choose_pixel(where, unread)
+                unread = unread & (torch.arange(SIDE * SIDE, device=x.device) != choice.unsqueeze(1))
+                all_policy_terms.append(where.gather(1, choice.unsqueeze(1)).squeeze(1))
+                coords = read_at = torch.stack([choice // SIDE, choice % SIDE], dim=1).to(x.dtype)
             else:
-                read_at = coords
+                offset = self.move_scale * (self.base[t - 1] + where)
+                coords = (SIDE - 1) * torch.sigmoid(self.start[t - 1] + offset)
+                if self.explore > 0 and self.quantise:  # commit to the nearest pixel centre (straight-through)
+                    coords = coords + (coords.round() - coords).detach()
+                if self.training and self.explore > 0:  # positions learn from REINFORCE only, not the read slope
+                    sigma = self.exploration()
+                    sample = (coords.detach() + sigma * torch.randn_like(coords)).clamp(0, SIDE - 1)
+                    # log-likelihood of the sample times (sigma / explore)^2: unscaled, its gradient
+                    # (sample - mean) / sigma^2 grows without bound as sigma anneals to 0 and the positions
+                    # random-walk; scaled, the moves fade out with the exploration
+                    all_policy_terms.append(-((sample - coords) ** 2).sum(1) / (2 * self.explore ** 2))
+                    read_at = sample.round()
+                elif rounded or self.training:
+                    # the nearest pixel; straight-through, so the coordinate still gets the bilinear slope
+                    read_at = coords + (coords.round() - coords).detach()
+                else:
+                    read_at = coords
             value = read_pixels(x, read_at)
             # The same point encoding as models.softorder.image_points: row, col in [-1, 1], grey in [0, 1].
             point = torch.cat([read_at / ((SIDE - 1) / 2) - 1, value.unsqueeze(1)], dim=1)
@@ -189,8 +218,19 @@ class GlimpseNet(nn.Module):
             probs = F.softmax(logits, dim=1)
             all_logits.append(logits)
             all_coords.append(coords)
-        log_likelihood = torch.stack(all_logp) if all_logp else None
-        return torch.stack(all_logits), torch.stack(all_coords), log_likelihood
+        policy_terms = torch.stack(all_policy_terms) if all_policy_terms else None
+        return torch.stack(all_logits), torch.stack(all_coords), policy_terms
+
+    def choose_pixel(self, gains: torch.Tensor, unread: torch.Tensor) -> torch.Tensor:
+        """`policy="grid"`: the pixel (B,) each image reads next, from the estimated gains (B, 784) of the
+        `unread` pixels (B, 784, bool): the best, or, in training, a random unread one for a share
+        `exploration()` of the images."""
+        choice = gains.detach().masked_fill(~unread, -math.inf).argmax(1)
+        if self.training:
+            random_pixel = torch.rand(unread.shape, device=unread.device).masked_fill(~unread, -1).argmax(1)
+            explore = torch.rand(len(choice), device=choice.device) < self.exploration()
+            choice = torch.where(explore, random_pixel, choice)
+        return choice
 
     def step_logits(self, x: torch.Tensor, rounded: bool = False) -> torch.Tensor:
         """Images (B, 1, 28, 28) -> logits after every glimpse, (K, B, 10)."""
@@ -205,23 +245,28 @@ class GlimpseNet(nn.Module):
 
         With exploration, no pull (it pins the positions) but a REINFORCE term: each glimpse's return is
         minus the summed cross-entropy of its own and all later steps, less the batch mean (the baseline).
+        With `policy="grid"`, the squared error of the read pixels' estimated gains.
         """
-        logits, coords, log_likelihood = self.run(x)
+        logits, coords, policy_terms = self.run(x)
         ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.glimpses), label_smoothing=label_smoothing,
                              reduction="none").view(self.glimpses, -1)  # (K, B)
         loss = ce.mean()
         if self.explore <= 0:
             snap_penalty = torch.sin(math.pi * coords).square().mean()  # 0 at pixel centres, 1 half-way between
             return loss + self.snap * snap_penalty
-        if self.exploration() > 0:
+        if self.grid:  # each read pixel's estimated gain regresses on the drop in cross-entropy it gave
+            before = torch.cat([ce.new_full((1, ce.shape[1]), math.log(10)), ce[:-1]])  # log 10: the uniform guess
+            loss = loss + F.mse_loss(policy_terms, (before - ce).detach())
+        elif self.exploration() > 0:
             returns = -ce.detach().flip(0).cumsum(0).flip(0)
-            loss = loss - ((returns - returns.mean(1, keepdim=True)) * log_likelihood).mean()
+            loss = loss - ((returns - returns.mean(1, keepdim=True)) * policy_terms).mean()
         self.steps_taken += 1
         return loss
 
     def exploration(self) -> float:
-        """Sigma (pixels) of the exploring glimpse positions now: `explore` falling linearly to 0 over
-        `explore_steps` training steps; 0 outside training."""
+        """Sigma (pixels) of the exploring glimpse positions now, or with `policy="grid"` the share of glimpses
+        read at random pixels: `explore` falling linearly to 0 over `explore_steps` training steps; 0 outside
+        training."""
         if not self.training or self.explore <= 0:
             return 0.0
         return self.explore * max(0.0, 1 - self.steps_taken / self.explore_steps)
@@ -292,6 +337,7 @@ def plot_glimpse_paths(model: GlimpseNet, images: torch.Tensor, labels, path: Pa
                 schedule="onecycle", label_smoothing=0.0, augment=False)
 def build_glimpse(glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                   snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
-                  explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None) -> nn.Module:
+                  explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None,
+                  policy: str = "coordinate") -> nn.Module:
     return GlimpseNet(glimpses, features, bins, hidden, snap, move_scale, radius, explore, explore_steps, quantise,
-                      start)
+                      start, policy)
