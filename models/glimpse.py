@@ -131,7 +131,7 @@ class GlimpseNet(nn.Module):
     def __init__(self, glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                  snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
                  explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None,
-                 policy: str = "coordinate"):
+                 policy: str = "coordinate", encoder_width: int = 256):
         super().__init__()
         if glimpses < 1:
             raise ValueError(f"glimpses={glimpses}: need at least one glimpse")
@@ -154,10 +154,12 @@ class GlimpseNet(nn.Module):
         self.embed = PointEmbedding(hidden, features)
         self.histogram = SoftHistogram(features, bins)
         self.state_size = features * bins
-        self.encoder = nn.Sequential(nn.Linear(self.state_size + 1, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, 10)
-        self.policy = nn.Sequential(nn.Linear(hidden + 10, hidden), nn.ReLU(),
+        # The state is a mean over the readings, linear in the set: how readings combine is up to the encoder
+        # (as for softorder's head), so it may need to be wider than the per-point network.
+        self.encoder = nn.Sequential(nn.Linear(self.state_size + 1, encoder_width), nn.ReLU(),
+                                     nn.Linear(encoder_width, encoder_width), nn.ReLU())
+        self.head = nn.Linear(encoder_width, 10)
+        self.policy = nn.Sequential(nn.Linear(encoder_width + 10, hidden), nn.ReLU(),
                                     nn.Linear(hidden, SIDE * SIDE if self.grid else 2))
         # Step t looks first at its start pixel (sigmoid-logit space; an edge pixel just inside the edge); the
         # learned base and the policy's offset start at zero.
@@ -338,6 +340,6 @@ def plot_glimpse_paths(model: GlimpseNet, images: torch.Tensor, labels, path: Pa
 def build_glimpse(glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                   snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
                   explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None,
-                  policy: str = "coordinate") -> nn.Module:
+                  policy: str = "coordinate", encoder_width: int = 256) -> nn.Module:
     return GlimpseNet(glimpses, features, bins, hidden, snap, move_scale, radius, explore, explore_steps, quantise,
-                      start, policy)
+                      start, policy, encoder_width)
