@@ -16,7 +16,7 @@ VARIANTS = {  # name -> model kwargs of every configuration the tests build
     "mixer": [{}, {"patch": 7, "dim": 32, "depth": 2}],
     "softorder": [{}, {"pool": "max"}, {"points": "all", "features": 16, "bins": 4},
                   {"head_width": 32, "head_layers": 3}],
-    "glimpse": [{}, {"glimpses": 2}, {"glimpses": 3, "policy": "grid", "explore": 1.0}],
+    "glimpse": [{}, {"glimpses": 2}, {"glimpses": 3, "policy": "grid", "explore": 1.0, "encoder_width": 32}],
 }
 
 
