@@ -71,10 +71,13 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
           train_subset: Optional[int] = typer.Option(None, help="Use only the first N fit images (smoke tests)."),
           keep_best: bool = typer.Option(False, "--keep-best", help="End with the epoch that made the fewest "
                                          "validation errors (latest on ties), not the last; tags the run -best."),
+          all_train: bool = typer.Option(False, "--all-train", help="Fit on all 60,000 training images, holding "
+                                         "no validation out: the final refit of a recipe chosen on validation; "
+                                         "tags the run -all."),
           device: str = typer.Option("auto", help="auto, cpu or cuda."),
           name: Optional[str] = typer.Option(None, help="Run name (default: <model>-s<seed>, plus -l<labels>)."),
           data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
-    """Train a model on the 55,000 fit images, select nothing on the test set, save the run."""
+    """Train a model on the 55,000 fit images (or all 60,000), select nothing on the test set, save the run."""
     import time
     from dataclasses import asdict
 
@@ -87,7 +90,8 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         raise BenchError(f"--glimpses applies to the glimpse model only, not {model}")
     try:
         cfg = resolve_config(model, epochs=epochs, lr=lr, batch_size=batch_size, labels=labels, teacher=teacher,
-                             train_subset=train_subset, keep_best=keep_best or None)
+                             train_subset=train_subset, keep_best=keep_best or None,
+                             all_train=all_train or None)
     except KeyError as exc:
         raise BenchError(str(exc.args[0])) from None
     if glimpses is not None:  # the same as --set glimpses=K, and named the same
@@ -103,16 +107,19 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     mnist = load_mnist(data_dir, ws)
     option_tags = "".join(f"-k{value}" if key == "glimpses" else "-" + re.sub(r"[^\w.-]", "", f"{key}{value}")
                           for key, value in options.items())  # glimpses=2 -> -k2, pool=max -> -poolmax
-    run_name = name or (f"{model}{option_tags}{'-best' if keep_best else ''}-s{seed}" + (f"-l{labels}" if labels else "")
+    option_tags += ("-best" if keep_best else "") + ("-all" if all_train else "")
+    run_name = name or (f"{model}{option_tags}-s{seed}" + (f"-l{labels}" if labels else "")
                         + (f"-from-{teacher}" if teacher else ""))
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
     result = train_model(model, cfg, mnist, seed, torch_device, teacher=teacher_model)
     val_labels = mnist.train_labels[result.val_indices]
+    held_out = result.val_probs is not None
     meta = {
         "name": run_name, "model": model, "seed": seed, "config": asdict(cfg), "parameters": result.parameters,
         "device": str(torch_device), "machine": machine_description(torch_device),
         "date": time.strftime("%Y-%m-%d"), "train_seconds": round(result.seconds, 1),
-        "val_errors": int((result.val_probs.argmax(1) != val_labels).sum()), "val_size": len(val_labels),
+        "val_errors": int((result.val_probs.argmax(1) != val_labels).sum()) if held_out else None,
+        "val_size": len(val_labels),
         "test_errors": int((result.test_probs.argmax(1) != mnist.test_labels).sum()),
         "test_size": len(mnist.test_labels), "history": result.history, "kept_epoch": result.kept_epoch,
         "data": {"source": str(mnist.source), "sha256": mnist.digests}, "versions": versions(),
@@ -124,12 +131,12 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         x_test, x_val = to_float(mnist.test_images), to_float(mnist.train_images[result.val_indices])
         meta["step_accuracy"] = per_step_accuracy(result.model, x_test, mnist.test_labels)
         meta["step_accuracy_rounded"] = per_step_accuracy(result.model, x_test, mnist.test_labels, rounded=True)
-        # the same on the validation split, where choices such as the pull to pixel centres are made
-        meta["val_step_accuracy"] = per_step_accuracy(result.model, x_val, val_labels)
-        meta["val_step_accuracy_rounded"] = per_step_accuracy(result.model, x_val, val_labels, rounded=True)
-        console.print(f"validation after glimpse {len(meta['val_step_accuracy'])}: "
-                      f"{100 * meta['val_step_accuracy'][-1]:.2f}% "
-                      f"(rounded {100 * meta['val_step_accuracy_rounded'][-1]:.2f}%)")
+        if held_out:  # the same on the validation split, where choices such as the pull to pixel centres are made
+            meta["val_step_accuracy"] = per_step_accuracy(result.model, x_val, val_labels)
+            meta["val_step_accuracy_rounded"] = per_step_accuracy(result.model, x_val, val_labels, rounded=True)
+            console.print(f"validation after glimpse {len(meta['val_step_accuracy'])}: "
+                          f"{100 * meta['val_step_accuracy'][-1]:.2f}% "
+                          f"(rounded {100 * meta['val_step_accuracy_rounded'][-1]:.2f}%)")
         for k, (smooth, rounded) in enumerate(zip(meta["step_accuracy"], meta["step_accuracy_rounded"]), 1):
             console.print(f"glimpse {k:2d}: test accuracy {100 * smooth:6.2f}% (rounded to pixels {100 * rounded:6.2f}%)")
     path = save_run(ws, run_name, meta, result.test_probs, result.val_probs, result.model.state_dict())
@@ -137,8 +144,8 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         result.model.write_figures(path)
     if model == "glimpse":
         plot_glimpse_paths(result.model, x_test[:8], mnist.test_labels[:8], path / "glimpse_paths.png")
-    console.print(f"{run_name}: validation errors {meta['val_errors']}/{meta['val_size']}, "
-                  f"test errors {meta['test_errors']}/{meta['test_size']} "
+    validation = f"validation errors {meta['val_errors']}/{meta['val_size']}" if held_out else "no validation held out"
+    console.print(f"{run_name}: {validation}, test errors {meta['test_errors']}/{meta['test_size']} "
                   f"({100 * meta['test_errors'] / meta['test_size']:.2f}%), {meta['train_seconds']:.0f} s -> {path}")
 
 

@@ -2,7 +2,8 @@
 
 Inputs are float images (B, 1, 28, 28) in [0, 1]. Training uses the 55,000 fit images of the fixed split
 (`Mnist.validation_split`); after every epoch the validation error is measured and shown, and the test set
-is evaluated once, at the end, never consulted for any choice. On the CPU the run is deterministic for a
+is evaluated once, at the end, never consulted for any choice. `all_train` is the final refit once every
+choice has been made on validation: all 60,000 training images, none held out, so no validation figure. On the CPU the run is deterministic for a
 given seed (same seed, same threads: same weights).
 """
 
@@ -45,6 +46,7 @@ class TrainConfig:
     labels: int | None = None  # train on this many labelled images only (class-balanced, seeded)
     teacher: str | None = None  # run whose probabilities on the other fit images are their targets (distillation)
     keep_best: bool = False  # end with the weights of the epoch with the fewest validation errors (latest on ties)
+    all_train: bool = False  # fit on all 60,000 training images, the validation images too (nothing to select on)
     train_subset: int | None = None  # first N fit (and unlabelled) images: tests and smoke runs
     model_kwargs: dict = field(default_factory=dict)
 
@@ -171,9 +173,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps: int):
 class TrainResult:
     model: nn.Module
     config: TrainConfig
-    history: list[dict]  # one row per epoch: epoch, loss, val_errors, seconds
-    val_indices: np.ndarray
-    val_probs: np.ndarray  # (5000, 10)
+    history: list[dict]  # one row per epoch: epoch, loss, val_errors (None with all_train), seconds
+    val_indices: np.ndarray  # (5000,), or empty with all_train
+    val_probs: np.ndarray | None  # (5000, 10), None with all_train
     test_probs: np.ndarray  # (10000, 10)
     seconds: float
     parameters: int
@@ -195,6 +197,11 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     gen = torch.Generator().manual_seed(seed)
 
     fit_idx, val_idx = data.validation_split()
+    if cfg.all_train:
+        if cfg.labels is not None or cfg.keep_best:
+            raise BenchError("--all-train fits on all 60,000 labelled images and holds none out: it cannot be "
+                             "combined with --labels or --keep-best (which selects on validation)")
+        fit_idx, val_idx = np.concatenate([fit_idx, val_idx]), val_idx[:0]
     unlabelled_idx = None
     if cfg.labels is not None:
         labelled = balanced_subset(data.train_labels[fit_idx], cfg.labels, seed)
@@ -275,20 +282,21 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
                 raise BenchError(f"training diverged at epoch {epoch} (loss is not finite); lower --lr")
             if hasattr(model, "before_eval"):  # e.g. the mean teacher's batch-norm statistics, from clean images
                 model.before_eval(x_unlabelled if semi_supervised else x_fit, device)
-            val_errors = int((predict_probs(model, x_val, device).argmax(1) != y_val).sum())
+            val_errors = int((predict_probs(model, x_val, device).argmax(1) != y_val).sum()) if len(val_idx) else None
             history.append({"epoch": epoch, "steps": batches_per_epoch, "loss": loss_sum / batches_per_epoch,
                             "val_errors": val_errors,
                             "seconds": round(time.perf_counter() - start, 1)})
             if cfg.keep_best and (kept_state is None or val_errors <= history[kept_epoch - 1]["val_errors"]):
                 kept_epoch, kept_state = epoch, copy.deepcopy(model.state_dict())
-            summary = f"loss {loss_sum / batches_per_epoch:.4f}  val errors {val_errors}/{len(val_idx)}"
+            summary = f"loss {loss_sum / batches_per_epoch:.4f}" + (f"  val errors {val_errors}/{len(val_idx)}"
+                                                                    if len(val_idx) else "")
             progress.update(task, status=summary)
             if show_progress and not progress.console.is_terminal:  # logs get one line per epoch instead of bars
                 progress.console.print(f"{name} epoch {epoch}/{cfg.epochs}: {summary}  {history[-1]['seconds']:.0f} s")
     seconds = time.perf_counter() - start
     if kept_state is not None:
         model.load_state_dict(kept_state)
-    val_probs = predict_probs(model, x_val, device)
+    val_probs = predict_probs(model, x_val, device) if len(val_idx) else None
     test_probs = predict_probs(model, to_float(data.test_images), device)
     return TrainResult(model.to("cpu", memory_format=torch.contiguous_format), cfg, history, val_idx,
                        val_probs, test_probs, seconds, parameter_count(model), kept_epoch)

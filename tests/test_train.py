@@ -187,3 +187,31 @@ def test_distillation_needs_the_teacher_and_a_labelled_subset(mnist):
     with pytest.raises(BenchError, match="has its own training loss"):
         train_model("glimpse", replace(cfg, labels=10, teacher="constant"), mnist, 0, torch.device("cpu"), False,
                     ConstantTeacher())
+
+
+def test_all_train_fits_on_all_60000_images_and_holds_none_out(mnist, monkeypatch, tmp_path):
+    import benchmark.train as train_module
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+
+    real_to_float, converted = train_module.to_float, []
+    monkeypatch.setattr(train_module, "to_float", lambda images: converted.append(images) or real_to_float(images))
+    cfg = resolve_config("mlp", epochs=1, batch_size=1000, all_train=True)
+    result = train_model("mlp", cfg, mnist, seed=0, device=torch.device("cpu"), show_progress=False)
+    fit_idx, val_idx = mnist.validation_split()
+    # the training images are the 55,000 fit images and then the 5,000 validation images, each once
+    np.testing.assert_array_equal(converted[0], mnist.train_images[np.concatenate([fit_idx, val_idx])])
+    assert result.history[0]["steps"] == 60 and result.history[0]["val_errors"] is None
+    assert result.val_probs is None and len(result.val_indices) == 0 and result.test_probs.shape == (10000, 10)
+    for clash in ({"keep_best": True}, {"labels": 100}):  # both select on, or carve from, the held-out split
+        with pytest.raises(BenchError, match="--all-train .* cannot be combined with --labels or --keep-best"):
+            train_model("mlp", replace(cfg, **clash), mnist, seed=0, device=torch.device("cpu"), show_progress=False)
+    # the command names the run -all and saves no validation probabilities (nothing may be selected on them)
+    cli = CliRunner()
+    common = ["--workspace", str(tmp_path), "--data-dir", str(mnist.source)]
+    trained = cli.invoke(app, ["train", "--model", "mlp", "--epochs", "1", "--all-train", *common])
+    assert trained.exit_code == 0, trained.output
+    run = load_run(tmp_path, "mlp-all-s0")
+    assert run.val_probs is None and run.meta["val_errors"] is None and run.meta["config"]["all_train"]
+    assert "no validation held out" in trained.output
