@@ -140,7 +140,7 @@ class GlimpseNet(nn.Module):
     def __init__(self, glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                  snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
                  explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None,
-                 policy: str = "coordinate", encoder_width: int = 256):
+                 policy: str = "coordinate", encoder_width: int = 256, canvas: bool = False):
         super().__init__()
         if glimpses < 1:
             raise ValueError(f"glimpses={glimpses}: need at least one glimpse")
@@ -149,6 +149,8 @@ class GlimpseNet(nn.Module):
         if policy == "grid" and not (0 < explore <= 1 and start is None and glimpses <= SIDE * SIDE):
             raise ValueError("policy='grid' learns from glimpses at random pixels: give explore in (0, 1] (their "
                              f"first share), no start, and at most {SIDE * SIDE} glimpses")
+        if canvas and policy != "grid":
+            raise ValueError("canvas shows the policy the whole pixels read so far: it needs policy='grid'")
         if quantise and explore <= 0:
             raise ValueError("quantise acts on exploring glimpses only: give explore > 0 with it")
         if start is None:
@@ -159,7 +161,7 @@ class GlimpseNet(nn.Module):
             start_pixels = torch.tensor([divmod(p, SIDE) for p in start], dtype=torch.float32)
         self.glimpses, self.snap, self.move_scale = glimpses, snap, move_scale
         self.explore, self.explore_steps, self.quantise, self.steps_taken = explore, explore_steps, quantise, 0
-        self.grid = policy == "grid"
+        self.grid, self.canvas = policy == "grid", canvas
         self.embed = PointEmbedding(hidden, features)
         self.histogram = SoftHistogram(features, bins)
         self.state_size = features * bins
@@ -168,7 +170,9 @@ class GlimpseNet(nn.Module):
         self.encoder = nn.Sequential(nn.Linear(self.state_size + 1, encoder_width), nn.ReLU(),
                                      nn.Linear(encoder_width, encoder_width), nn.ReLU())
         self.head = nn.Linear(encoder_width, 10)
-        self.policy = nn.Sequential(nn.Linear(encoder_width + 10, hidden), nn.ReLU(),
+        # with `canvas` the policy also sees the readings as an image: grey levels read so far, and where
+        policy_inputs = encoder_width + 10 + (2 * SIDE * SIDE if canvas else 0)
+        self.policy = nn.Sequential(nn.Linear(policy_inputs, hidden), nn.ReLU(),
                                     nn.Linear(hidden, SIDE * SIDE if self.grid else 2))
         # Step t looks first at its start pixel (sigmoid-logit space; an edge pixel just inside the edge); the
         # learned base and the policy's offset start at zero.
@@ -194,9 +198,11 @@ class GlimpseNet(nn.Module):
         all_logits, all_coords, all_policy_terms = [], [], []
         if self.grid:
             unread = torch.ones(b, SIDE * SIDE, dtype=torch.bool, device=x.device)
+            seen = x.new_zeros(b, SIDE * SIDE)  # the canvas: grey levels of the pixels read so far, 0 elsewhere
         for t in range(1, self.glimpses + 1):
             # detach: the policy reads the state but does not backpropagate into it (see the module notes)
-            where = self.policy(torch.cat([z, probs], dim=1).detach())
+            policy_input = [z, probs, seen, (~unread).to(x.dtype)] if self.canvas else [z, probs]
+            where = self.policy(torch.cat(policy_input, dim=1).detach())
             if self.grid:  # `where` is the estimated drop in cross-entropy of reading each pixel now
                 choice = self.choose_pixel(where, unread)
                 unread = unread.scatter(1, choice.unsqueeze(1), False)
@@ -221,6 +227,8 @@ class GlimpseNet(nn.Module):
                 else:
                     read_at = coords
             value = read_pixels(x, read_at)
+            if self.canvas:
+                seen = seen.scatter(1, choice.unsqueeze(1), value.unsqueeze(1))
             # The same point encoding as models.softorder.image_points: row, col in [-1, 1], grey in [0, 1].
             point = torch.cat([read_at / ((SIDE - 1) / 2) - 1, value.unsqueeze(1)], dim=1)
             hist_sum = hist_sum + self.histogram(self.embed(point).unsqueeze(1), x.new_ones(b, 1, dtype=torch.bool))
@@ -349,6 +357,6 @@ def plot_glimpse_paths(model: GlimpseNet, images: torch.Tensor, labels, path: Pa
 def build_glimpse(glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                   snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
                   explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None,
-                  policy: str = "coordinate", encoder_width: int = 256) -> nn.Module:
+                  policy: str = "coordinate", encoder_width: int = 256, canvas: bool = False) -> nn.Module:
     return GlimpseNet(glimpses, features, bins, hidden, snap, move_scale, radius, explore, explore_steps, quantise,
-                      start, policy, encoder_width)
+                      start, policy, encoder_width, canvas)

@@ -259,25 +259,32 @@ def test_glimpses_start_on_the_given_pixels():
         create_model("glimpse", glimpses=2, start=(406, 784))
 
 
-def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else():
-    model = create_model("glimpse", glimpses=6, policy="grid", explore=1.0).eval()
-    with torch.no_grad():
-        model.policy[-1].bias.normal_()  # some preference over pixels, the same for every image
-    x, _ = fabricated_digits(4)
+@pytest.mark.parametrize("canvas", [False, True])
+def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else(canvas):
+    model = create_model("glimpse", glimpses=6, policy="grid", explore=1.0, canvas=canvas).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a preference over pixels that depends on what was read (state, and canvas if on)
+        model.policy[-1].bias.normal_()
+        model.policy[-1].weight.normal_(std=0.3)
+    x, _ = fabricated_digits(10)
     visited = glimpse_paths(model, x)
     assert torch.equal(visited, visited.round())
     pixels = visited[..., 0] * 28 + visited[..., 1]
     assert all(len(set(row.tolist())) == 6 for row in pixels)  # never the same pixel twice
-    seen = torch.zeros(4, 784, dtype=torch.bool)
-    seen[torch.arange(4).unsqueeze(1), pixels.long()] = True
-    noise = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    other = torch.where(seen.view(4, 1, 28, 28), x, noise)  # the same visited pixels, anything elsewhere
+    seen = torch.zeros(10, 784, dtype=torch.bool)
+    seen[torch.arange(10).unsqueeze(1), pixels.long()] = True
+    noise = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    other = torch.where(seen.view(10, 1, 28, 28), x, noise)  # the same visited pixels, anything elsewhere
+    assert len({tuple(row) for row in pixels.tolist()}) > 1  # the paths depend on what was read
+    assert torch.equal(glimpse_paths(model, other), visited)
     with torch.no_grad():
         assert torch.equal(model.step_logits(x), model.step_logits(x, rounded=True))
         assert torch.allclose(model.step_logits(other), model.step_logits(x))
     for bad in [dict(explore=0.0), dict(explore=1.5), dict(explore=1.0, start=(406, 409))]:
         with pytest.raises(ValueError, match="policy='grid' learns from glimpses at random pixels"):
             create_model("glimpse", glimpses=2, policy="grid", **bad)
+    with pytest.raises(ValueError, match="canvas .* needs policy='grid'"):
+        create_model("glimpse", glimpses=2, canvas=True)
 
 
 def test_a_pixel_policy_learns_where_the_label_is_written():
