@@ -261,11 +261,11 @@ def test_glimpses_start_on_the_given_pixels():
 
 @pytest.mark.parametrize("canvas", [False, True])
 def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else(canvas):
-    model = create_model("glimpse", glimpses=6, policy="grid", explore=1.0, canvas=canvas).eval()
     torch.manual_seed(0)
+    model = create_model("glimpse", glimpses=6, policy="grid", explore=1.0, canvas=canvas).eval()
     with torch.no_grad():  # a preference over pixels that depends on what was read (state, and canvas if on)
-        model.policy[-1].bias.normal_()
-        model.policy[-1].weight.normal_(std=0.3)
+        model.policy[-1].bias.normal_(std=0.1)
+        model.policy[-1].weight.normal_()
     x, _ = fabricated_digits(10)
     visited = glimpse_paths(model, x)
     assert torch.equal(visited, visited.round())
@@ -287,6 +287,19 @@ def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else(canvas
         create_model("glimpse", glimpses=2, canvas=True)
 
 
+def train_pixel_policy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.nn.Module:
+    """A few hundred Adam steps on batches of 64 of (x, y): enough for the toy tasks below."""
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = torch.randperm(len(x), generator=gen)[:64]
+        loss = model.train().training_loss(x[batch], y[batch], 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def test_a_pixel_policy_learns_where_the_label_is_written():
     """The right half of every image holds its label (0 / 1) in every pixel, the left half coin-flip noise.
     Untrained, every glimpse goes to pixel 0 (all estimates tie); after a short training the first glimpse
@@ -298,12 +311,26 @@ def test_a_pixel_policy_learns_where_the_label_is_written():
     x[:, 0, :, 14:] = y.float().view(512, 1, 1)
     model = create_model("glimpse", glimpses=1, policy="grid", explore=1.0, explore_steps=100)
     assert (glimpse_paths(model, x[:100])[:, 0] == 0).all()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(200):
-        batch = torch.randperm(512, generator=gen)[:64]
-        loss = model.train().training_loss(x[batch], y[batch], 0.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    first = glimpse_paths(model, x[:100])[:, 0]
+    first = glimpse_paths(train_pixel_policy(model, x, y, 200), x[:100])[:, 0]
     assert (first[:, 1] >= 14).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("canvas", [False, True])
+def test_a_pixel_policy_looks_where_its_first_reading_points(canvas):
+    """Four classes y = 2c + d. The left half holds c in every pixel; d is written in the top right quarter
+    when c = 0 and in the bottom right quarter when c = 1, the other quarter being coin-flip noise. Reading
+    the left half first is worth ln 2 nats, a right pixel half that, so the greedy policy reads c first; the
+    second glimpse must then go to the quarter that c points to."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    c, d = torch.randint(0, 2, (2, 1024), generator=gen)
+    x = torch.randint(0, 2, (1024, 1, 28, 28), generator=gen).float()
+    x[:, 0, :, :14] = c.float().view(-1, 1, 1)
+    top = c == 0
+    x[top, 0, :14, 14:] = d[top].float().view(-1, 1, 1)
+    x[~top, 0, 14:, 14:] = d[~top].float().view(-1, 1, 1)
+    model = create_model("glimpse", glimpses=2, policy="grid", explore=1.0, explore_steps=200, canvas=canvas)
+    first, second = glimpse_paths(train_pixel_policy(model, x, 2 * c + d, 300), x[:200]).unbind(1)
+    assert (first[:, 1] < 14).float().mean() > 0.9
+    right, upper = second[:, 1] >= 14, second[:, 0] < 14
+    assert torch.where(top[:200], right & upper, right & ~upper).float().mean() > 0.9
