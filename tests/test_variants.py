@@ -259,11 +259,10 @@ def test_glimpses_start_on_the_given_pixels():
         create_model("glimpse", glimpses=2, start=(406, 784))
 
 
-@pytest.mark.parametrize("canvas", [False, True])
-def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else(canvas):
+def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else():
     torch.manual_seed(0)
-    model = create_model("glimpse", glimpses=6, policy="grid", explore=1.0, canvas=canvas).eval()
-    with torch.no_grad():  # a preference over pixels that depends on what was read (state, and canvas if on)
+    model = create_model("glimpse", glimpses=6, policy="grid", explore=1.0).eval()
+    with torch.no_grad():  # a preference over pixels that depends on what was read
         model.policy[-1].bias.normal_(std=0.1)
         model.policy[-1].weight.normal_()
     x, _ = fabricated_digits(10)
@@ -283,8 +282,6 @@ def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else(canvas
     for bad in [dict(explore=0.0), dict(explore=1.5), dict(explore=1.0, start=(406, 409))]:
         with pytest.raises(ValueError, match="policy='grid' learns from glimpses at random pixels"):
             create_model("glimpse", glimpses=2, policy="grid", **bad)
-    with pytest.raises(ValueError, match="canvas .* needs policy='grid'"):
-        create_model("glimpse", glimpses=2, canvas=True)
 
 
 def train_pixel_policy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.nn.Module:
@@ -315,8 +312,7 @@ def test_a_pixel_policy_learns_where_the_label_is_written():
     assert (first[:, 1] >= 14).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("canvas", [False, True])
-def test_a_pixel_policy_looks_where_its_first_reading_points(canvas):
+def test_a_pixel_policy_looks_where_its_first_reading_points():
     """Four classes y = 2c + d. The left half holds c in every pixel; d is written in the top right quarter
     when c = 0 and in the bottom right quarter when c = 1, the other quarter being coin-flip noise. Reading
     the left half first is worth ln 2 nats, a right pixel half that, so the greedy policy reads c first; the
@@ -329,7 +325,7 @@ def test_a_pixel_policy_looks_where_its_first_reading_points(canvas):
     top = c == 0
     x[top, 0, :14, 14:] = d[top].float().view(-1, 1, 1)
     x[~top, 0, 14:, 14:] = d[~top].float().view(-1, 1, 1)
-    model = create_model("glimpse", glimpses=2, policy="grid", explore=1.0, explore_steps=200, canvas=canvas)
+    model = create_model("glimpse", glimpses=2, policy="grid", explore=1.0, explore_steps=200)
     first, second = glimpse_paths(train_pixel_policy(model, x, 2 * c + d, 300), x[:200]).unbind(1)
     assert (first[:, 1] < 14).float().mean() > 0.9
     right, upper = second[:, 1] >= 14, second[:, 0] < 14
