@@ -3,8 +3,8 @@
 Inputs are float images (B, 1, 28, 28) in [0, 1]. Training uses the 55,000 fit images of the fixed split
 (`Mnist.validation_split`); after every epoch the validation error is measured and shown, and the test set
 is evaluated once, at the end, never consulted for any choice. `all_train` is the final refit once every
-choice has been made on validation: all 60,000 training images, none held out, so no validation figure. On the CPU the run is deterministic for a
-given seed (same seed, same threads: same weights).
+choice has been made on validation: all 60,000 training images, none held out, so no validation figure.
+On the CPU the run is deterministic for a given seed (same seed, same threads: same weights).
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ class TrainResult:
 
 def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: torch.device,
                 show_progress: bool = True, teacher: nn.Module | None = None) -> TrainResult:
-    """Train registry model `name` with `cfg` on the fit split; returns the model and its probabilities.
+    """Train registry model `name` with `cfg` on the fit split (all 60,000 images with `cfg.all_train`);
+    returns the model and its probabilities.
 
     With `cfg.labels` and a `teacher` (the model of run `cfg.teacher`, trained on the same labelled images),
     the model is a student (self-training, as Noisy Student, Xie et al. 2020): the labelled images keep their
