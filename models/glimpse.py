@@ -93,6 +93,11 @@ Gumbel noise before a choice repeats, and until then the classifier reads random
 the readings as an image too (grey levels read so far and a mask of where, as the value network of Gadgil et
 al. sees its input) learned more slowly: K = 25, validation errors after epoch 4 were 1,571 against 1,188
 without it; stopped there and removed.
+`discount` (grid only, default 0): each read is credited with its own drop plus `discount` times the credit
+of the next read (`discounted_gains`), so with 1 a read is worth what it and all later reads gained under the
+current policy, and a look that only tells where to look next gets the value of that next look. K = 2, seeds
+0-2, validation after glimpse 2: 33.98 / 28.90 / 32.58 % with discount 1, 27.80 / 30.34 / 30.40 % one-step:
+about 2 points on the means, within the seed spread. Not measured at K = 25.
 """
 
 from __future__ import annotations
@@ -143,7 +148,7 @@ class GlimpseNet(nn.Module):
     def __init__(self, glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                  snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
                  explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None,
-                 policy: str = "coordinate", encoder_width: int = 256):
+                 policy: str = "coordinate", encoder_width: int = 256, discount: float = 0.0):
         super().__init__()
         if glimpses < 1:
             raise ValueError(f"glimpses={glimpses}: need at least one glimpse")
@@ -152,6 +157,8 @@ class GlimpseNet(nn.Module):
         if policy == "grid" and not (0 < explore <= 1 and start is None and glimpses <= SIDE * SIDE):
             raise ValueError("policy='grid' learns from glimpses at random pixels: give explore in (0, 1] (their "
                              f"first share), no start, and at most {SIDE * SIDE} glimpses")
+        if not 0 <= discount <= 1 or (discount > 0 and policy != "grid"):
+            raise ValueError(f"discount={discount}: a number in [0, 1], for policy='grid' only")
         if quantise and explore <= 0:
             raise ValueError("quantise acts on exploring glimpses only: give explore > 0 with it")
         if start is None:
@@ -162,7 +169,7 @@ class GlimpseNet(nn.Module):
             start_pixels = torch.tensor([divmod(p, SIDE) for p in start], dtype=torch.float32)
         self.glimpses, self.snap, self.move_scale = glimpses, snap, move_scale
         self.explore, self.explore_steps, self.quantise, self.steps_taken = explore, explore_steps, quantise, 0
-        self.grid = policy == "grid"
+        self.grid, self.discount = policy == "grid", discount
         self.embed = PointEmbedding(hidden, features)
         self.histogram = SoftHistogram(features, bins)
         self.state_size = features * bins
@@ -270,7 +277,7 @@ class GlimpseNet(nn.Module):
             return loss + self.snap * snap_penalty
         if self.grid:  # each read pixel's estimated gain regresses on the drop in cross-entropy it gave
             before = torch.cat([ce.new_full((1, ce.shape[1]), math.log(10)), ce[:-1]])  # log 10: the uniform guess
-            loss = loss + F.mse_loss(policy_terms, (before - ce).detach())
+            loss = loss + F.mse_loss(policy_terms, discounted_gains((before - ce).detach(), self.discount))
         elif self.exploration() > 0:
             returns = -ce.detach().flip(0).cumsum(0).flip(0)
             loss = loss - ((returns - returns.mean(1, keepdim=True)) * policy_terms).mean()
@@ -284,6 +291,17 @@ class GlimpseNet(nn.Module):
         if not self.training or self.explore <= 0:
             return 0.0
         return self.explore * max(0.0, 1 - self.steps_taken / self.explore_steps)
+
+
+def discounted_gains(drops: torch.Tensor, discount: float) -> torch.Tensor:
+    """What each read is credited with (K, B), from the drops in cross-entropy of every step (K, B): its own
+    drop plus `discount` times the credit of the next read. Discount 0 is the one-step greedy value; 1 credits
+    a read with everything the glimpses from it to the last gained, so a read that only tells where to look
+    next is worth what that look gains."""
+    gains = drops.clone()
+    for t in range(len(gains) - 2, -1, -1):
+        gains[t] += discount * gains[t + 1]
+    return gains
 
 
 @torch.inference_mode()
@@ -352,6 +370,6 @@ def plot_glimpse_paths(model: GlimpseNet, images: torch.Tensor, labels, path: Pa
 def build_glimpse(glimpses: int = 25, features: int = 64, bins: int = 8, hidden: int = 256,
                   snap: float = 100.0, move_scale: float = 0.1, radius: float = 10.0, explore: float = 0.0,
                   explore_steps: int = 4000, quantise: bool = False, start: tuple[int, ...] | None = None,
-                  policy: str = "coordinate", encoder_width: int = 256) -> nn.Module:
+                  policy: str = "coordinate", encoder_width: int = 256, discount: float = 0.0) -> nn.Module:
     return GlimpseNet(glimpses, features, bins, hidden, snap, move_scale, radius, explore, explore_steps, quantise,
-                      start, policy, encoder_width)
+                      start, policy, encoder_width, discount)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from benchmark.train import resolve_config, training_loss
 from models import REGISTRY, create_model
-from models.glimpse import glimpse_paths, per_step_accuracy, plot_glimpse_paths, read_pixels
+from models.glimpse import discounted_gains, glimpse_paths, per_step_accuracy, plot_glimpse_paths, read_pixels
 from models.softorder import SoftHistogram, image_points
 
 VARIANTS = {  # name -> model kwargs of every configuration the tests build
@@ -330,3 +330,15 @@ def test_a_pixel_policy_looks_where_its_first_reading_points():
     assert (first[:, 1] < 14).float().mean() > 0.9
     right, upper = second[:, 1] >= 14, second[:, 0] < 14
     assert torch.where(top[:200], right & upper, right & ~upper).float().mean() > 0.9
+
+
+def test_discounted_gains_credit_each_read_with_what_later_reads_gained():
+    drops = torch.tensor([[0.5, 1.0], [0.25, 0.0], [0.125, 2.0]])  # (K = 3 steps, B = 2 images)
+    torch.testing.assert_close(discounted_gains(drops, 0.0), drops)
+    torch.testing.assert_close(discounted_gains(drops, 1.0), torch.tensor([[0.875, 3.0], [0.375, 2.0], [0.125, 2.0]]))
+    torch.testing.assert_close(discounted_gains(drops, 0.5), torch.tensor([[0.65625, 1.5], [0.3125, 1.0], [0.125, 2.0]]))
+    assert torch.equal(drops[0], torch.tensor([0.5, 1.0]))  # the input is left as it was
+    with pytest.raises(ValueError, match="discount=1.5: a number in"):
+        create_model("glimpse", policy="grid", explore=1.0, discount=1.5)
+    with pytest.raises(ValueError, match="for policy='grid' only"):
+        create_model("glimpse", discount=0.5)
