@@ -203,6 +203,7 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
             raise BenchError("--all-train fits on all 60,000 labelled images and holds none out: it cannot be "
                              "combined with --labels or --keep-best (which selects on validation)")
         fit_idx, val_idx = np.concatenate([fit_idx, val_idx]), val_idx[:0]
+    held_out = len(val_idx) > 0
     unlabelled_idx = None
     if cfg.labels is not None:
         labelled = balanced_subset(data.train_labels[fit_idx], cfg.labels, seed)
@@ -283,21 +284,21 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
                 raise BenchError(f"training diverged at epoch {epoch} (loss is not finite); lower --lr")
             if hasattr(model, "before_eval"):  # e.g. the mean teacher's batch-norm statistics, from clean images
                 model.before_eval(x_unlabelled if semi_supervised else x_fit, device)
-            val_errors = int((predict_probs(model, x_val, device).argmax(1) != y_val).sum()) if len(val_idx) else None
+            val_errors = int((predict_probs(model, x_val, device).argmax(1) != y_val).sum()) if held_out else None
             history.append({"epoch": epoch, "steps": batches_per_epoch, "loss": loss_sum / batches_per_epoch,
                             "val_errors": val_errors,
                             "seconds": round(time.perf_counter() - start, 1)})
             if cfg.keep_best and (kept_state is None or val_errors <= history[kept_epoch - 1]["val_errors"]):
                 kept_epoch, kept_state = epoch, copy.deepcopy(model.state_dict())
             summary = f"loss {loss_sum / batches_per_epoch:.4f}" + (f"  val errors {val_errors}/{len(val_idx)}"
-                                                                    if len(val_idx) else "")
+                                                                    if held_out else "")
             progress.update(task, status=summary)
             if show_progress and not progress.console.is_terminal:  # logs get one line per epoch instead of bars
                 progress.console.print(f"{name} epoch {epoch}/{cfg.epochs}: {summary}  {history[-1]['seconds']:.0f} s")
     seconds = time.perf_counter() - start
     if kept_state is not None:
         model.load_state_dict(kept_state)
-    val_probs = predict_probs(model, x_val, device) if len(val_idx) else None
+    val_probs = predict_probs(model, x_val, device) if held_out else None
     test_probs = predict_probs(model, to_float(data.test_images), device)
     return TrainResult(model.to("cpu", memory_format=torch.contiguous_format), cfg, history, val_idx,
                        val_probs, test_probs, seconds, parameter_count(model), kept_epoch)
