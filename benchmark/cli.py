@@ -110,6 +110,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     option_tags += ("-best" if keep_best else "") + ("-all" if all_train else "")
     run_name = name or (f"{model}{option_tags}-s{seed}" + (f"-l{labels}" if labels else "")
                         + (f"-from-{teacher}" if teacher else ""))
+    refuse_other_recipe(ws, run_name, asdict(cfg))
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
     result = train_model(model, cfg, mnist, seed, torch_device, teacher=teacher_model)
     val_labels = mnist.train_labels[result.val_indices]
@@ -147,6 +148,32 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     validation = f"validation errors {meta['val_errors']}/{meta['val_size']}" if held_out else "no validation held out"
     console.print(f"{run_name}: {validation}, test errors {meta['test_errors']}/{meta['test_size']} "
                   f"({100 * meta['test_errors'] / meta['test_size']:.2f}%), {meta['train_seconds']:.0f} s -> {path}")
+
+
+def refuse_other_recipe(ws: Path, run_name: str, config: dict) -> None:
+    """Before training: if run `run_name` is already saved with another training config (epochs, learning rate,
+    subset, model options, ...), stop with a user error instead of replacing it an hour later. The default name
+    holds the model options, seed and labels but not the schedule, so `--epochs 30` would otherwise overwrite the
+    15-epoch run. The same config is a re-run and replaces the run, as asked."""
+    import json
+    from dataclasses import asdict
+
+    from benchmark.train import TrainConfig
+
+    saved_meta = ws / "runs" / run_name / "meta.json"
+    if not saved_meta.is_file():
+        return
+
+    def as_saved(config: dict) -> dict:  # tuples become lists, as in meta.json
+        return json.loads(json.dumps(config, default=str))
+
+    saved, now = as_saved(json.loads(saved_meta.read_text()).get("config", {})), as_saved(config)
+    defaults = as_saved(asdict(TrainConfig()))  # for keys added since the run was saved
+    changed = [f"{key} {saved.get(key, defaults[key])} -> {now[key]}" for key in now
+               if saved.get(key, defaults[key]) != now[key]]
+    if changed:
+        raise BenchError(f"run {run_name} is already saved with another recipe ({'; '.join(changed)}): give --name "
+                         f"to keep both, or delete {saved_meta.parent} to replace it")
 
 
 def load_teacher(ws: Path, name: str, labels: Optional[int], seed: int):

@@ -117,6 +117,26 @@ def test_model_option_reaches_the_model_and_names_the_run(tmp_path, mnist_dir):
     assert model.pool is None  # the PointNet max, not the histogram
 
 
+def test_a_saved_run_is_not_replaced_by_another_recipe(tmp_path, mnist_dir):
+    """The default name does not hold the schedule: training the same name with other epochs stops before
+    training and leaves the saved run as it was; the same command again is a re-run and replaces it."""
+    def train(*extra):
+        return CliRunner().invoke(app, ["train", "--model", "mlp", "--train-subset", "200", "--data-dir",
+                                        str(mnist_dir), "--workspace", str(tmp_path), *extra])
+
+    assert train("--epochs", "1").exit_code == 0
+    saved = tmp_path / "runs" / "mlp-s0" / "meta.json"
+    first = saved.read_bytes()
+    refused = train("--epochs", "2")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "already saved with another recipe (epochs 1 -> 2): give --name" in " ".join(refused.output.split())
+    assert saved.read_bytes() == first
+    assert train("--epochs", "2", "--name", "mlp-e2").exit_code == 0
+    (saved.parent / "marker").touch()
+    assert train("--epochs", "1").exit_code == 0  # a re-run of the same recipe replaces the run folder
+    assert saved.is_file() and not (saved.parent / "marker").exists()
+
+
 def test_glimpses_flag_and_set_option_train_the_same_named_run(tmp_path, mnist_dir):
     common = ["train", "--model", "glimpse", "--epochs", "1", "--train-subset", "64", "--data-dir", str(mnist_dir)]
     for how, ws in ((["--glimpses", "2"], tmp_path / "flag"), (["--set", "glimpses=2"], tmp_path / "set")):
