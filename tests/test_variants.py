@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -342,3 +344,23 @@ def test_discounted_gains_credit_each_read_with_what_later_reads_gained():
         create_model("glimpse", policy="grid", explore=1.0, discount=1.5)
     with pytest.raises(ValueError, match="for policy='grid' only"):
         create_model("glimpse", discount=0.5)
+
+
+def test_grid_policy_with_gain_entropy_regresses_on_the_drop_in_the_models_own_entropy():
+    """gain='entropy': each read pixel's estimate learns the drop in the entropy of the class probabilities (from
+    log 10, the uniform guess's), not in the cross-entropy with the label."""
+    torch.manual_seed(0)
+    model = create_model("glimpse", glimpses=3, policy="grid", explore=0.5, gain="entropy").train()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(1)
+    logits, _, estimates = model.run(x)  # the same random reads as the loss below
+    entropy = -(logits.softmax(2) * logits.log_softmax(2)).sum(2)
+    before = torch.cat([torch.full((1, 4), math.log(10)), entropy[:-1]])
+    ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(3), reduction="none").view(3, 4)
+    expected = ce.mean() + F.mse_loss(estimates, before - entropy)
+    for gain, matches in (("entropy", True), ("cross_entropy", False)):
+        model.gain, model.steps_taken = gain, 0
+        torch.manual_seed(1)
+        assert torch.allclose(model.training_loss(x, y, 0.0), expected) == matches
+    with pytest.raises(ValueError, match="for policy='grid' only"):
+        create_model("glimpse", gain="entropy")
