@@ -324,6 +324,27 @@ def bound(subset: str = typer.Option("all", help="all (train + test, 70,000), tr
     console.print(f"written to {folder}", markup=False, soft_wrap=True)
 
 
+@app.command()
+@user_errors
+def tree(depth: int = typer.Option(25, help="Grow the tree to this depth: at most this many pixels read per image."),
+         seed: int = typer.Option(0, help="Seed of the tree's tie-breaking between equally good splits."),
+         data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """Reference for the glimpse model: a decision tree reads at most K pixels per image, each chosen after the
+    ones before; saved as run tree-d<depth>-s<seed> with its test accuracy cut at every depth 1..depth."""
+    from benchmark.data import load_mnist
+    from benchmark.tree_reference import tree_reference
+
+    ws = workspace_path(workspace)
+    meta = tree_reference(load_mnist(data_dir, ws), ws, depth, seed)
+    steps = meta["step_accuracy"]
+    for k in sorted({1, 2, *range(5, depth + 1, 5), depth}):
+        console.print(f"depth {k:3d}: test accuracy {100 * steps[k - 1]:6.2f}%  "
+                      f"(validation {100 * meta['val_step_accuracy'][k - 1]:6.2f}%)")
+    console.print(f"{meta['name']}: depth {meta['config']['chosen_depth']} chosen on validation "
+                  f"({meta['val_errors']}/{meta['val_size']} errors), test errors {meta['test_errors']}/"
+                  f"{meta['test_size']}, {meta['train_seconds']:.0f} s", soft_wrap=True)
+
+
 def main():
     app()
 

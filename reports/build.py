@@ -318,8 +318,10 @@ def bounds_section(ws: Workspace) -> Section:
     else:
         section.blocks.append(Picture("glimpse_steps", figures.accuracy_per_step(curves, bounds),
                                       "Test accuracy of each glimpse model after each step, read bilinearly "
-                                      "and rounded to pixels; dotted: best single pixel, dashed: adaptive pair "
-                                      "(in-sample bounds: accuracy = correct / total of the subset).",
+                                      "and rounded to pixels; a tree-d* run (`bench tree`) is a decision tree "
+                                      "cut at depth = step, which reads at most that many pixels; dotted: best "
+                                      "single pixel, dashed: adaptive pair (in-sample bounds: accuracy = correct "
+                                      "/ total of the subset).",
                                       curves))
     return section
 
