@@ -261,10 +261,11 @@ def test_glimpses_start_on_the_given_pixels():
         create_model("glimpse", glimpses=2, start=(406, 784))
 
 
-def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else():
+@pytest.mark.parametrize("canvas", [False, True])
+def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else(canvas):
     torch.manual_seed(0)
-    model = create_model("glimpse", glimpses=6, policy="grid", explore=1.0).eval()
-    with torch.no_grad():  # a preference over pixels that depends on what was read
+    model = create_model("glimpse", glimpses=6, policy="grid", explore=1.0, canvas=canvas).eval()
+    with torch.no_grad():  # a preference over pixels that depends on what was read (state, and canvas if on)
         model.policy[-1].bias.normal_(std=0.1)
         model.policy[-1].weight.normal_()
     x, _ = fabricated_digits(10)
@@ -284,6 +285,8 @@ def test_a_pixel_policy_reads_distinct_whole_pixels_and_sees_nothing_else():
     for bad in [dict(explore=0.0), dict(explore=1.5), dict(explore=1.0, start=(406, 409))]:
         with pytest.raises(ValueError, match="policy='grid' learns from glimpses at random pixels"):
             create_model("glimpse", glimpses=2, policy="grid", **bad)
+    with pytest.raises(ValueError, match="canvas .* needs policy='grid'"):
+        create_model("glimpse", glimpses=2, canvas=True)
 
 
 def train_pixel_policy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.nn.Module:
@@ -314,7 +317,8 @@ def test_a_pixel_policy_learns_where_the_label_is_written():
     assert (first[:, 1] >= 14).float().mean() > 0.9
 
 
-def test_a_pixel_policy_looks_where_its_first_reading_points():
+@pytest.mark.parametrize("canvas", [False, True])
+def test_a_pixel_policy_looks_where_its_first_reading_points(canvas):
     """Four classes y = 2c + d. The left half holds c in every pixel; d is written in the top right quarter
     when c = 0 and in the bottom right quarter when c = 1, the other quarter being coin-flip noise. Reading
     the left half first is worth ln 2 nats, a right pixel half that, so the greedy policy reads c first; the
@@ -327,7 +331,7 @@ def test_a_pixel_policy_looks_where_its_first_reading_points():
     top = c == 0
     x[top, 0, :14, 14:] = d[top].float().view(-1, 1, 1)
     x[~top, 0, 14:, 14:] = d[~top].float().view(-1, 1, 1)
-    model = create_model("glimpse", glimpses=2, policy="grid", explore=1.0, explore_steps=200)
+    model = create_model("glimpse", glimpses=2, policy="grid", explore=1.0, explore_steps=200, canvas=canvas)
     first, second = glimpse_paths(train_pixel_policy(model, x, 2 * c + d, 300), x[:200]).unbind(1)
     assert (first[:, 1] < 14).float().mean() > 0.9
     right, upper = second[:, 1] >= 14, second[:, 0] < 14
