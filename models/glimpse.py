@@ -110,8 +110,10 @@ from the first epoch (validation errors after epoch 3: 2,079 against 1,510) and 
 as Gadgil et al.) or, with "entropy", the drop in the entropy of the model's own class probabilities. Both have
 the conditional mutual information of pixel and label as their mean when the probabilities are calibrated (the
 classifier's training and validation accuracies agree within a point at K = 25), but the entropy drop does not
-depend on which label the image happens to have, so it is the less noisy target for the rare uncertain images
-that decide the late glimpses.
+depend on which label the image happens to have, so it should be the less noisy target for the rare uncertain
+images that decide the late glimpses. Measured (K = 25, 512 wide): worse from the first epoch, validation errors
+1,333 against 875 after epoch 6, stopped there; perhaps because the model is confidently wrong on the images whose
+reads matter most, so their entropy drops look like nothing. The default stays the cross-entropy.
 """
 
 from __future__ import annotations
