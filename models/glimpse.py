@@ -87,16 +87,17 @@ its glimpses depend on the readings (3 distinct second pixels, ~70 distinct 25th
 25 readings reaches ~91 %: the encoder costs 1-2 points, which `encoder_width` 512 wins back (91.06 %, test
 91.00 %), and the rest of the gap is in the pixels chosen, the late choices being the weak ones (some blank
 corner pixels). Twice the schedule (30 epochs, 512 wide) reaches 92.52 % validation, 92.24 % test. K = 2 is
-worse than the coordinate policy (27.8 % against 33-36 %): the estimates settle on whichever few pixels were best when the random reads stopped. A first design, Covert et al.'s (2023) relaxed
-choice (straight-through Gumbel-softmax over pixels), learned too slowly: the scores must grow far beyond the
-Gumbel noise before a choice repeats, and until then the classifier reads random pixels.
+worse than the coordinate policy (27.8 % against 33-36 %): the estimates settle on whichever few pixels were
+best when the random reads stopped. A first design, Covert et al.'s (2023) relaxed choice (straight-through
+Gumbel-softmax over pixels), learned too slowly: the scores must grow far beyond the Gumbel noise before a
+choice repeats, and until then the classifier reads random pixels.
 `canvas` (grid only): the policy also sees the readings as an image, the grey levels read so far and a 0/1 mask
 of where, as the selector of Covert et al. and the value network of Gadgil et al. see their masked input. With
 the 256-wide encoder it learned more slowly (K = 25, validation errors after epoch 4: 1,571 against 1,188
 without it; stopped there); with the 512-wide encoder, over the full 15 epochs, it was better over the first
 glimpses (test 50.97 % after 3 against 46.27 %) but level at 25 (91.02 % test, 90.58 % validation against 91.00 /
-91.06 %), so it stays off by default. It is kept because the one published reference on raw MNIST pixels that reaches the
-issue's target is of this kind: the MNIST notebook of Covert et al.'s code (github iancovert/dynamic-selection,
+91.06 %), so it stays off by default. It is kept because the one published reference on raw MNIST pixels that
+reaches the issue's target is of this kind: the MNIST notebook of Covert et al.'s code (github iancovert/dynamic-selection,
 notebooks/mnist.ipynb) prints 95.12 / 96.08 % test accuracy with 20 / 25 pixels, from MLPs on the masked image
 and mask (2 x 512, dropout 0.3), a predictor pretrained on random masks for 53 epochs and ~150 more epochs of
 joint training on a GPU - some ten times the 15 epochs a run gets here.
