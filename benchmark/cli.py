@@ -167,7 +167,11 @@ def refuse_other_recipe(ws: Path, run_name: str, config: dict) -> None:
     def as_saved(config: dict) -> dict:  # tuples become lists, as in meta.json
         return json.loads(json.dumps(config, default=str))
 
-    saved, now = as_saved(json.loads(saved_meta.read_text()).get("config", {})), as_saved(config)
+    try:
+        saved = as_saved(json.loads(saved_meta.read_text()).get("config", {}))
+    except ValueError:  # a damaged run: nothing worth keeping, let the new one replace it
+        return
+    now = as_saved(config)
     defaults = as_saved(asdict(TrainConfig()))  # for keys added since the run was saved
     changed = [f"{key} {saved.get(key, defaults[key])} -> {now[key]}" for key in now
                if saved.get(key, defaults[key]) != now[key]]
@@ -337,7 +341,7 @@ def tree(depth: int = typer.Option(25, help="Grow the tree to this depth: at mos
     ws = workspace_path(workspace)
     meta = tree_reference(load_mnist(data_dir, ws), ws, depth, seed)
     steps = meta["step_accuracy"]
-    for k in sorted({1, 2, *range(5, depth + 1, 5), depth}):
+    for k in (k for k in sorted({1, 2, *range(5, depth + 1, 5), depth}) if k <= depth):
         console.print(f"depth {k:3d}: test accuracy {100 * steps[k - 1]:6.2f}%  "
                       f"(validation {100 * meta['val_step_accuracy'][k - 1]:6.2f}%)")
     console.print(f"{meta['name']}: depth {meta['config']['chosen_depth']} chosen on validation "

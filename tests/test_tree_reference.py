@@ -39,9 +39,14 @@ def test_the_tree_cut_at_each_depth_reads_one_more_bit(tmp_path):
     assert (run.test_predictions == test_labels).all()
 
 
-def test_bench_tree_refuses_a_bad_depth_in_one_line(tmp_path, mnist_dir):
+def test_bench_tree_refuses_a_bad_depth_in_one_line_and_reads_one_pixel(tmp_path, mnist_dir):
     result = CliRunner().invoke(app, ["tree", "--depth", "0", "--data-dir", str(mnist_dir),
                                       "--workspace", str(tmp_path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "--depth 0: expected 1 to 100" in result.output
     assert not (tmp_path / "runs").exists()
+    result = CliRunner().invoke(app, ["tree", "--depth", "1", "--data-dir", str(mnist_dir),
+                                      "--workspace", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "depth   1: test accuracy" in result.output and "depth   2" not in result.output
+    assert len(load_run(tmp_path, "tree-d1-s0").meta["step_accuracy"]) == 1
