@@ -341,7 +341,7 @@ def tree(depth: int = typer.Option(25, help="Grow the tree to this depth: at mos
     ws = workspace_path(workspace)
     meta = tree_reference(load_mnist(data_dir, ws), ws, depth, seed)
     steps = meta["step_accuracy"]
-    for k in (k for k in sorted({1, 2, *range(5, depth + 1, 5), depth}) if k <= depth):
+    for k in [k for k in sorted({1, 2, *range(5, depth + 1, 5), depth}) if k <= depth]:
         console.print(f"depth {k:3d}: test accuracy {100 * steps[k - 1]:6.2f}%  "
                       f"(validation {100 * meta['val_step_accuracy'][k - 1]:6.2f}%)")
     console.print(f"{meta['name']}: depth {meta['config']['chosen_depth']} chosen on validation "
