@@ -326,8 +326,8 @@ class GlimpseNet(nn.Module):
 
 
 def discounted_gains(drops: torch.Tensor, discount: float) -> torch.Tensor:
-    """What each read is credited with (K, B), from the drops in cross-entropy of every step (K, B): its own
-    drop plus `discount` times the credit of the next read. Discount 0 is the one-step greedy value; 1 credits
+    """What each read is credited with (K, B), from the drops in uncertainty of every step (K, B; cross-entropy,
+    or entropy with gain="entropy"): its own drop plus `discount` times the credit of the next read. Discount 0 is the one-step greedy value; 1 credits
     a read with everything the glimpses from it to the last gained, so a read that only tells where to look
     next is worth what that look gains."""
     gains = drops.clone()
