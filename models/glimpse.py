@@ -326,10 +326,10 @@ class GlimpseNet(nn.Module):
 
 
 def discounted_gains(drops: torch.Tensor, discount: float) -> torch.Tensor:
-    """What each read is credited with (K, B), from the drops in uncertainty of every step (K, B; cross-entropy,
-    or entropy with gain="entropy"): its own drop plus `discount` times the credit of the next read. Discount 0 is the one-step greedy value; 1 credits
-    a read with everything the glimpses from it to the last gained, so a read that only tells where to look
-    next is worth what that look gains."""
+    """What each read is credited with (K, B), from the drops in uncertainty of every step (K, B; cross-entropy, or
+    entropy with gain="entropy"): its own drop plus `discount` times the credit of the next read. Discount 0 is the
+    one-step greedy value; 1 credits a read with everything the glimpses from it to the last gained, so a read that
+    only tells where to look next is worth what that look gains."""
     gains = drops.clone()
     for t in range(len(gains) - 2, -1, -1):
         gains[t] += discount * gains[t + 1]
