@@ -74,10 +74,15 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
           all_train: bool = typer.Option(False, "--all-train", help="Fit on all 60,000 training images, holding "
                                          "no validation out: the final refit of a recipe chosen on validation; "
                                          "tags the run -all."),
+          resume: bool = typer.Option(False, "--resume", help="Continue the run from its checkpoint (saved after "
+                                      "every epoch in <workspace>/checkpoints) with the same options."),
           device: str = typer.Option("auto", help="auto, cpu or cuda."),
           name: Optional[str] = typer.Option(None, help="Run name (default: <model>-s<seed>, plus -l<labels>)."),
           data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
-    """Train a model on the 55,000 fit images (or all 60,000), select nothing on the test set, save the run."""
+    """Train a model on the 55,000 fit images (or all 60,000), select nothing on the test set, save the run.
+
+    After every epoch the training state is saved to <workspace>/checkpoints/<run>.pt, so a run stopped part-way
+    (a closed session, a killed job) goes on with --resume; the checkpoint is removed once the run is saved."""
     import time
     from dataclasses import asdict
 
@@ -110,9 +115,13 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     option_tags += ("-best" if keep_best else "") + ("-all" if all_train else "")
     run_name = name or (f"{model}{option_tags}-s{seed}" + (f"-l{labels}" if labels else "")
                         + (f"-from-{teacher}" if teacher else ""))
-    refuse_other_recipe(ws, run_name, asdict(cfg))
+    refuse_other_recipe(ws, run_name, cfg)
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
-    result = train_model(model, cfg, mnist, seed, torch_device, teacher=teacher_model)
+    checkpoint = ws / "checkpoints" / f"{run_name}.pt"
+    if resume and not checkpoint.exists():
+        console.print(f"--resume: no checkpoint of run {run_name} in {checkpoint.parent}, so it starts at epoch 1")
+    result = train_model(model, cfg, mnist, seed, torch_device, teacher=teacher_model, checkpoint=checkpoint,
+                         resume=resume)
     val_labels = mnist.train_labels[result.val_indices]
     held_out = result.val_probs is not None
     meta = {
@@ -123,6 +132,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         "val_size": len(val_labels),
         "test_errors": int((result.test_probs.argmax(1) != mnist.test_labels).sum()),
         "test_size": len(mnist.test_labels), "history": result.history, "kept_epoch": result.kept_epoch,
+        "resumed_after": result.resumed_after,
         "data": {"source": str(mnist.source), "sha256": mnist.digests}, "versions": versions(),
     }
     if model == "glimpse":  # accuracy after every glimpse, reading bilinearly and rounded to the nearest pixel
@@ -141,6 +151,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
         for k, (smooth, rounded) in enumerate(zip(meta["step_accuracy"], meta["step_accuracy_rounded"]), 1):
             console.print(f"glimpse {k:2d}: test accuracy {100 * smooth:6.2f}% (rounded to pixels {100 * rounded:6.2f}%)")
     path = save_run(ws, run_name, meta, result.test_probs, result.val_probs, result.model.state_dict())
+    checkpoint.unlink(missing_ok=True)  # the run is saved: nothing left to resume
     if hasattr(result.model, "write_figures"):  # model-specific pictures: masks, generator samples
         result.model.write_figures(path)
     if model == "glimpse":
@@ -150,31 +161,23 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
                   f"({100 * meta['test_errors'] / meta['test_size']:.2f}%), {meta['train_seconds']:.0f} s -> {path}")
 
 
-def refuse_other_recipe(ws: Path, run_name: str, config: dict) -> None:
+def refuse_other_recipe(ws: Path, run_name: str, cfg) -> None:
     """Before training: if run `run_name` is already saved with another training config (epochs, learning rate,
     subset, model options, ...), stop with a user error instead of replacing it an hour later. The default name
     holds the model options, seed and labels but not the schedule, so `--epochs 30` would otherwise overwrite the
     15-epoch run. The same config is a re-run and replaces the run, as asked."""
     import json
-    from dataclasses import asdict
 
-    from benchmark.train import TrainConfig
+    from benchmark.train import recipe_changes
 
     saved_meta = ws / "runs" / run_name / "meta.json"
     if not saved_meta.is_file():
         return
-
-    def as_saved(config: dict) -> dict:  # tuples become lists, as in meta.json
-        return json.loads(json.dumps(config, default=str))
-
     try:
-        saved = as_saved(json.loads(saved_meta.read_text()).get("config", {}))
+        saved = json.loads(saved_meta.read_text()).get("config", {})
     except ValueError:  # a damaged run: nothing worth keeping, let the new one replace it
         return
-    now = as_saved(config)
-    defaults = as_saved(asdict(TrainConfig()))  # for keys added since the run was saved
-    changed = [f"{key} {saved.get(key, defaults[key])} -> {now[key]}" for key in now
-               if saved.get(key, defaults[key]) != now[key]]
+    changed = recipe_changes(saved, cfg)
     if changed:
         raise BenchError(f"run {run_name} is already saved with another recipe ({'; '.join(changed)}): give --name "
                          f"to keep both, or delete {saved_meta.parent} to replace it")

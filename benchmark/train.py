@@ -10,9 +10,12 @@ On the CPU the run is deterministic for a given seed (same seed, same threads: s
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,6 +62,17 @@ def resolve_config(model: str, **overrides) -> TrainConfig:
     if unknown:
         raise BenchError(f"unknown training option(s) {sorted(unknown)} for model {model}")
     return TrainConfig(**merged)
+
+
+def recipe_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """What differs between a saved config (as in meta.json) and `config`: ["epochs 15 -> 30", ...]. Keys added
+    to TrainConfig since the config was saved count as their defaults."""
+    def as_saved(config: dict) -> dict:  # tuples become lists, as in meta.json
+        return json.loads(json.dumps(config, default=str))
+
+    saved, now, defaults = as_saved(saved), as_saved(asdict(config)), as_saved(asdict(TrainConfig()))
+    return [f"{key} {saved.get(key, defaults[key])} -> {now[key]}" for key in now
+            if saved.get(key, defaults[key]) != now[key]]
 
 
 def pick_device(device: str) -> torch.device:
@@ -142,10 +156,34 @@ def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoo
     return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
 
 
-def shuffled_batches(n: int, batch_size: int, gen: torch.Generator):
-    """Endless index batches: each pass over range(n) in a fresh random order (its last batch may be short)."""
-    while True:
-        yield from torch.randperm(n, generator=gen).split(batch_size)
+class ShuffledBatches:
+    """Endless index batches: each pass over range(n) in a fresh random order from `gen` (its last batch may be
+    short). Where it is in the current pass is part of a training checkpoint (`state_dict`), so a resumed run
+    draws the same batches as one that was never stopped."""
+
+    def __init__(self, n: int, batch_size: int, gen: torch.Generator):
+        self.n, self.batch_size, self.gen = n, batch_size, gen
+        self.order, self.position = torch.empty(0, dtype=torch.long), 0
+
+    def __next__(self) -> torch.Tensor:
+        if self.position >= len(self.order):  # the next pass, drawn only when the first batch of it is asked for
+            self.order, self.position = torch.randperm(self.n, generator=self.gen), 0
+        self.position += self.batch_size
+        return self.order[self.position - self.batch_size:self.position]
+
+    def state_dict(self) -> dict:
+        return {"order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.position = state["order"], state["position"]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, then rename: an interrupted save leaves the previous checkpoint whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, steps: int):
@@ -180,12 +218,20 @@ class TrainResult:
     seconds: float
     parameters: int
     kept_epoch: int  # the epoch whose weights the model holds: the last, or the best on validation (keep_best)
+    resumed_after: list[int]  # the epochs after which the training was stopped and resumed from a checkpoint
 
 
 def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: torch.device,
-                show_progress: bool = True, teacher: nn.Module | None = None) -> TrainResult:
+                show_progress: bool = True, teacher: nn.Module | None = None, checkpoint: Path | None = None,
+                resume: bool = False) -> TrainResult:
     """Train registry model `name` with `cfg` on the fit split (all 60,000 images with `cfg.all_train`);
     returns the model and its probabilities.
+
+    With a `checkpoint` path, everything the loop needs to go on (weights, optimizer and schedule, random
+    states, where the batches are, the history) is saved there after every epoch; with `resume` a run
+    stopped part-way continues from it and ends with the same weights as a run never stopped (CPU, same
+    threads). A checkpoint made with another recipe or seed, or one found without `resume`, is a user error:
+    it is never silently overwritten.
 
     With `cfg.labels` and a `teacher` (the model of run `cfg.teacher`, trained on the same labelled images),
     the model is a student (self-training, as Noisy Student, Xie et al. 2020): the labelled images keep their
@@ -252,14 +298,36 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(device)
 
-    labelled_batches = shuffled_batches(len(x_fit), cfg.batch_size, gen)
-    unlabelled_batches = shuffled_batches(len(x_unlabelled), cfg.batch_size, gen) if semi_supervised else None
-    history, start = [], time.perf_counter()
+    labelled_batches = ShuffledBatches(len(x_fit), cfg.batch_size, gen)
+    unlabelled_batches = ShuffledBatches(len(x_unlabelled), cfg.batch_size, gen) if semi_supervised else None
+    history, seconds_before, resumed_after = [], 0.0, []
     kept_epoch, kept_state = cfg.epochs, None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        done = f"{checkpoint} holds epoch {saved['history'][-1]['epoch']} of {saved['model']} seed {saved['seed']}"
+        if not resume:
+            raise BenchError(f"{done}: add --resume to continue it, or delete the file to start over")
+        changes = recipe_changes(json.loads(saved["config"]), cfg)
+        if saved["model"] != name or saved["seed"] != seed or changes:
+            raise BenchError(f"{done}, trained with another recipe ({'; '.join(changes) or 'model or seed'}): "
+                             f"give the same options, or delete the file to start over")
+        model.load_state_dict(saved["weights"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["schedule"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        labelled_batches.load_state_dict(saved["labelled_batches"])
+        if semi_supervised:
+            unlabelled_batches.load_state_dict(saved["unlabelled_batches"])
+        if hasattr(model, "steps_taken"):  # schedules inside the model (exploration, ramp-ups) count steps
+            model.steps_taken = saved["steps_taken"]
+        history, kept_epoch, kept_state = saved["history"], saved["kept_epoch"], saved["kept_weights"]
+        seconds_before, resumed_after = history[-1]["seconds"], saved["resumed_after"] + [len(saved["history"])]
+    start = time.perf_counter() - seconds_before
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not show_progress)
     with progress:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
             task = progress.add_task(f"{name} epoch {epoch}/{cfg.epochs}", total=batches_per_epoch, status="")
             model.train()
             loss_sum = 0.0
@@ -290,6 +358,15 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
                             "seconds": round(time.perf_counter() - start, 1)})
             if cfg.keep_best and (kept_state is None or val_errors <= history[kept_epoch - 1]["val_errors"]):
                 kept_epoch, kept_state = epoch, copy.deepcopy(model.state_dict())
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, {
+                    "model": name, "seed": seed, "config": json.dumps(asdict(cfg), default=str),
+                    "weights": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "labelled_batches": labelled_batches.state_dict(),
+                    "unlabelled_batches": unlabelled_batches.state_dict() if semi_supervised else None,
+                    "steps_taken": getattr(model, "steps_taken", None), "history": history,
+                    "kept_epoch": kept_epoch, "kept_weights": kept_state, "resumed_after": resumed_after})
             summary = f"loss {loss_sum / batches_per_epoch:.4f}" + (f"  val errors {val_errors}/{len(val_idx)}"
                                                                     if held_out else "")
             progress.update(task, status=summary)
@@ -301,4 +378,4 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     val_probs = predict_probs(model, x_val, device) if held_out else None
     test_probs = predict_probs(model, to_float(data.test_images), device)
     return TrainResult(model.to("cpu", memory_format=torch.contiguous_format), cfg, history, val_idx,
-                       val_probs, test_probs, seconds, parameter_count(model), kept_epoch)
+                       val_probs, test_probs, seconds, parameter_count(model), kept_epoch, resumed_after)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,34 @@ def test_a_saved_run_is_not_replaced_by_another_recipe(tmp_path, mnist_dir):
     (saved.parent / "marker").touch()
     assert train("--epochs", "1").exit_code == 0  # a re-run of the same recipe replaces the run folder
     assert saved.is_file() and not (saved.parent / "marker").exists()
+
+
+def test_a_killed_training_refuses_to_start_over_and_resumes_from_its_checkpoint(tmp_path, mnist_dir):
+    """A training process killed part-way (a closed session) leaves its last epoch's checkpoint; the same command
+    refuses to overwrite it, with --resume it continues from there, and the checkpoint goes once the run is saved."""
+    env = {**os.environ, "BENCH_DATA_DIR": str(mnist_dir), "BENCH_WORKSPACE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = [BENCH, "train", "--model", "mlp", "--epochs", "40", "--train-subset", "2000"]
+    checkpoint = tmp_path / "checkpoints" / "mlp-s0.pt"
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        job.kill()
+        job.wait()
+    assert checkpoint.exists() and not (tmp_path / "runs" / "mlp-s0").exists()
+    saved = checkpoint.read_bytes()
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "add --resume to continue it" in " ".join(refused.stderr.split())
+    assert checkpoint.read_bytes() == saved
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    meta = json.loads((tmp_path / "runs" / "mlp-s0" / "meta.json").read_text())
+    assert len(meta["history"]) == 40 and len(meta["resumed_after"]) == 1 and 1 <= meta["resumed_after"][0] < 40
+    assert [row["epoch"] for row in meta["history"]] == list(range(1, 41))
+    assert not checkpoint.exists()
 
 
 def test_glimpses_flag_and_set_option_train_the_same_named_run(tmp_path, mnist_dir):

@@ -215,3 +215,55 @@ def test_all_train_fits_on_all_60000_images_and_holds_none_out(mnist, monkeypatc
     run = load_run(tmp_path, "mlp-all-s0")
     assert run.val_probs is None and run.meta["val_errors"] is None and run.meta["config"]["all_train"]
     assert "no validation held out" in trained.output
+
+
+# The three kinds of state a resume must restore: plain weights and optimizer (cnn, with augmentation drawing from
+# the seeded generator), a model-internal step count and the global torch RNG (the grid glimpse net's exploration
+# and probes), and a second stream of unlabelled batches and a moving-average teacher (cowmask).
+@pytest.mark.parametrize("model, overrides, kwargs", [
+    ("cnn", {"train_subset": 300}, {"width": 4}),
+    ("glimpse", {"train_subset": 300}, {"glimpses": 3, "policy": "grid", "explore": 1.0, "explore_steps": 6,
+                                        "probe": True, "encoder_width": 16}),
+    ("cowmask", {"train_subset": 200, "labels": 20}, {"width": 4, "calibrate": False}),
+])
+def test_a_run_stopped_after_an_epoch_resumes_to_the_same_weights(mnist, monkeypatch, tmp_path, model, overrides,
+                                                                   kwargs):
+    import benchmark.train as train_module
+
+    cfg = resolve_config(model, epochs=3, batch_size=64, keep_best=True, **overrides)
+    cfg.model_kwargs = kwargs
+    cpu = torch.device("cpu")
+    whole = train_model(model, cfg, mnist, seed=1, device=cpu, show_progress=False)
+
+    real_predict, calls = train_module.predict_probs, []
+
+    def stop_in_epoch_2(*args, **kw):  # the validation pass of epoch 2: after epoch 1's checkpoint, before epoch 2's
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_predict(*args, **kw)
+
+    checkpoint = tmp_path / "checkpoints" / "run.pt"
+    monkeypatch.setattr(train_module, "predict_probs", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(model, cfg, mnist, seed=1, device=cpu, show_progress=False, checkpoint=checkpoint)
+    monkeypatch.setattr(train_module, "predict_probs", real_predict)
+    saved = checkpoint.read_bytes()
+
+    with pytest.raises(BenchError, match="holds epoch 1 of .*add --resume to continue it"):
+        train_model(model, cfg, mnist, seed=1, device=cpu, show_progress=False, checkpoint=checkpoint)
+    with pytest.raises(BenchError, match=r"another recipe \(epochs 3 -> 4\)"):
+        train_model(model, replace(cfg, epochs=4), mnist, seed=1, device=cpu, show_progress=False,
+                    checkpoint=checkpoint, resume=True)
+    with pytest.raises(BenchError, match="another recipe"):
+        train_model(model, cfg, mnist, seed=2, device=cpu, show_progress=False, checkpoint=checkpoint, resume=True)
+    assert checkpoint.read_bytes() == saved  # the refusals left it as it was
+
+    resumed = train_model(model, cfg, mnist, seed=1, device=cpu, show_progress=False, checkpoint=checkpoint,
+                          resume=True)
+    assert resumed.resumed_after == [1] and whole.resumed_after == []
+    assert [row["val_errors"] for row in resumed.history] == [row["val_errors"] for row in whole.history]
+    assert resumed.kept_epoch == whole.kept_epoch
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    np.testing.assert_array_equal(resumed.test_probs, whole.test_probs)
