@@ -352,6 +352,40 @@ def tree(depth: int = typer.Option(25, help="Grow the tree to this depth: at mos
                   f"{meta['test_size']}, {meta['train_seconds']:.0f} s", soft_wrap=True)
 
 
+@app.command("glimpse-gains")
+@user_errors
+def glimpse_gains(run: str = typer.Option(..., "--run", help="A glimpse run trained with --set policy=grid."),
+                  images: int = typer.Option(1000, help="How many validation images (the first N of the split)."),
+                  candidates: int = typer.Option(32, help="Random unread pixels read counterfactually per step."),
+                  seed: int = typer.Option(0, help="Seed of the random pixels."),
+                  data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """How well a grid glimpse policy's gain estimates predict what a read gives, step by step, on validation
+    images: for the pixel it reads and for random pixels it does not."""
+    import torch
+
+    from benchmark.data import load_mnist
+    from benchmark.runs import load_model, load_run
+    from benchmark.train import to_float
+    from models.glimpse import gain_calibration
+
+    ws = workspace_path(workspace)
+    saved = load_run(ws, run)
+    options = saved.meta["config"].get("model_kwargs", {})
+    if saved.meta.get("model") != "glimpse" or options.get("policy") != "grid":
+        raise BenchError(f"run {run} is not a glimpse run with --set policy=grid; train one with `bench train "
+                         f"--model glimpse --set policy=grid --set explore=1.0`")
+    if not 1 <= images <= 5000 or not 1 <= candidates <= 700:
+        raise BenchError(f"--images {images} --candidates {candidates}: expected 1..5000 images, 1..700 candidates")
+    mnist = load_mnist(data_dir, ws)
+    val = mnist.validation_split()[1][:images]
+    torch.manual_seed(seed)
+    table = gain_calibration(load_model(saved), to_float(mnist.train_images[val]), mnist.train_labels[val],
+                             candidates)
+    console.print(f"{run}: gain estimates against the drops in cross-entropy, {images} validation images, "
+                  f"{candidates} random unread pixels per step", soft_wrap=True)
+    console.print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), highlight=False, soft_wrap=True)
+
+
 def main():
     app()
 

@@ -177,6 +177,23 @@ def test_glimpses_flag_and_set_option_train_the_same_named_run(tmp_path, mnist_d
         assert len(meta["step_accuracy"]) == len(meta["val_step_accuracy_rounded"]) == 2
 
 
+def test_glimpse_gains_reads_a_grid_run_and_refuses_other_runs(tmp_path, mnist_dir):
+    common = ["--data-dir", str(mnist_dir), "--workspace", str(tmp_path)]
+    for options in (["--set", "policy=grid", "--set", "explore=1.0"], []):
+        trained = CliRunner().invoke(app, ["train", "--model", "glimpse", "--glimpses", "3", "--epochs", "1",
+                                           "--train-subset", "64", *options, *common])
+        assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(app, ["glimpse-gains", "--run", "glimpse-policygrid-explore1.0-k3-s0", "--images", "50",
+                                      "--candidates", "4", *common])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["step", "accuracy"])
+    assert [line.split()[0] for line in lines[header + 1:]] == ["1", "2", "3"]
+    refused = CliRunner().invoke(app, ["glimpse-gains", "--run", "glimpse-k3-s0", *common])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "is not a glimpse run with --set policy=grid" in refused.output
+
+
 def test_a_teacher_must_have_learnt_from_the_students_labels(tmp_path):
     from benchmark.runs import save_run
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.train import resolve_config, training_loss
+from benchmark.train import resolve_config, to_float, training_loss
 from models import REGISTRY, create_model
-from models.glimpse import discounted_gains, glimpse_paths, per_step_accuracy, plot_glimpse_paths, read_pixels
+from models.glimpse import (discounted_gains, gain_calibration, glimpse_paths, per_step_accuracy, plot_glimpse_paths,
+                            read_pixels)
 from models.softorder import SoftHistogram, image_points
 
 VARIANTS = {  # name -> model kwargs of every configuration the tests build
@@ -350,6 +351,59 @@ def test_discounted_gains_credit_each_read_with_what_later_reads_gained():
         create_model("glimpse", discount=0.5)
 
 
+def test_grid_policy_probes_regress_random_unread_pixels_estimates_on_their_counterfactual_drops():
+    """probe = P: each training step also reads P random pixels not read yet, without changing the path or training
+    the classifier on them; their estimates learn the drops in cross-entropy their readings would have given."""
+    torch.manual_seed(0)
+    model = create_model("glimpse", glimpses=3, policy="grid", explore=0.5, probe=2).train()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(1)
+    out = model.run(x)
+    assert out.probe_logits.shape == (3, 2, 4, 10) and out.probe_terms.shape == (3, 2, 4)
+    assert not out.probe_logits.requires_grad and out.probe_terms.requires_grad
+    ce = F.cross_entropy(out.logits.flatten(0, 1), y.repeat(3), reduction="none").view(3, 4)
+    before = torch.cat([torch.full((1, 4), math.log(10)), ce[:-1]])
+    probe_drops = torch.stack([before - F.cross_entropy(out.probe_logits[:, p].flatten(0, 1), y.repeat(3),
+                                                        reduction="none").view(3, 4) for p in range(2)], dim=1)
+    expected = ce.mean() + F.mse_loss(out.policy_terms, before - ce) + F.mse_loss(out.probe_terms, probe_drops)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model.training_loss(x, y, 0.0), expected)
+    assert not torch.allclose(out.probe_logits[:, 0], out.probe_logits[:, 1])  # two different pixels
+    # a probe is a counterfactual: once the exploration is over (greedy reads), the path and the logits are those of
+    # the same model without it
+    model.steps_taken = model.explore_steps
+    probed = model.run(x)
+    model.probe = False
+    plain = model.run(x)
+    assert plain.probe_logits is None and probed.probe_logits is not None
+    assert torch.equal(probed.coords, plain.coords) and torch.equal(probed.logits, plain.logits)
+    for bad in ({"probe": 1}, {"policy": "grid", "explore": 1.0, "discount": 0.5, "probe": 1},
+                {"policy": "grid", "explore": 1.0, "probe": -1}):
+        with pytest.raises(ValueError, match="the number of random unread pixels also read at each step"):
+            create_model("glimpse", **bad)
+
+
+def test_gain_calibration_follows_the_policy_and_reads_random_unread_pixels_beside_it(mnist):
+    torch.manual_seed(0)
+    model = create_model("glimpse", glimpses=4, policy="grid", explore=1.0, encoder_width=32).eval()
+    with torch.no_grad():
+        model.policy[-1].bias.copy_(torch.linspace(0, 1, 784))  # the policy reads pixels 783, 782, 781, 780
+    x, y = to_float(mnist.train_images[:60]), mnist.train_labels[:60]
+    table = gain_calibration(model, x, y, candidates=5, batch_size=25)
+    assert list(table["step"]) == [1, 2, 3, 4]
+    np.testing.assert_allclose(table["accuracy"], per_step_accuracy(model, x, y), atol=1e-6)
+    np.testing.assert_allclose(table["chosen_estimate"], torch.linspace(0, 1, 784)[[783, 782, 781, 780]], atol=1e-6)
+    assert (table["chosen_ink"] == 0).all()  # the bottom-right corner is blank in MNIST
+    # the drops of the pixels read add up to the fall from the uniform guess to the last step's cross-entropy
+    last = F.cross_entropy(model.step_logits(x)[-1], torch.from_numpy(y).long())
+    assert table["chosen_drop"].sum() == pytest.approx(math.log(10) - last.item(), abs=1e-5)
+    # random pixels are other pixels: unread ones, whose estimates are lower than the chosen ones
+    assert (table["random_estimate"] < table["chosen_estimate"]).all()
+    assert table["random_correlation"].between(-1, 1).all() and table["beaten"].between(0, 1).all()
+    with pytest.raises(ValueError, match="needs a glimpse model with policy='grid'"):
+        gain_calibration(create_model("glimpse", glimpses=2), x, y)
+
+
 def test_grid_policy_with_gain_entropy_regresses_on_the_drop_in_the_models_own_entropy():
     """gain='entropy': each read pixel's estimate learns the drop in the entropy of the class probabilities (from
     log 10, the uniform guess's), not in the cross-entropy with the label."""
@@ -357,7 +411,7 @@ def test_grid_policy_with_gain_entropy_regresses_on_the_drop_in_the_models_own_e
     model = create_model("glimpse", glimpses=3, policy="grid", explore=0.5, gain="entropy").train()
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
     torch.manual_seed(1)
-    logits, _, estimates = model.run(x)  # the same random reads as the loss below
+    logits, _, estimates, _, _ = model.run(x)  # the same random reads as the loss below
     entropy = -(logits.softmax(2) * logits.log_softmax(2)).sum(2)
     before = torch.cat([torch.full((1, 4), math.log(10)), entropy[:-1]])
     ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(3), reduction="none").view(3, 4)
