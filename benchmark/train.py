@@ -303,7 +303,11 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     history, seconds_before, resumed_after = [], 0.0, []
     kept_epoch, kept_state = cfg.epochs, None
     if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: say so, and leave it for the user to look at
+            raise BenchError(f"{checkpoint} is not a readable checkpoint ({type(exc).__name__}): delete it to start "
+                             f"over") from None
         done = f"{checkpoint} holds epoch {saved['history'][-1]['epoch']} of {saved['model']} seed {saved['seed']}"
         if not resume:
             raise BenchError(f"{done}: add --resume to continue it, or delete the file to start over")

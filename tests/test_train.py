@@ -258,6 +258,10 @@ def test_a_run_stopped_after_an_epoch_resumes_to_the_same_weights(mnist, monkeyp
     with pytest.raises(BenchError, match="another recipe"):
         train_model(model, cfg, mnist, seed=2, device=cpu, show_progress=False, checkpoint=checkpoint, resume=True)
     assert checkpoint.read_bytes() == saved  # the refusals left it as it was
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(saved[:len(saved) // 2])
+    with pytest.raises(BenchError, match="damaged.pt is not a readable checkpoint .*delete it to start over"):
+        train_model(model, cfg, mnist, seed=1, device=cpu, show_progress=False, checkpoint=damaged, resume=True)
 
     resumed = train_model(model, cfg, mnist, seed=1, device=cpu, show_progress=False, checkpoint=checkpoint,
                           resume=True)
