@@ -122,7 +122,11 @@ the pixel read matches the drop it gives at every step (0.278 / 0.269 at step 1,
 over random unread pixels the correlation of estimate and drop is within +-0.06 of zero at every step, and from
 step ~15 the pixels read are mostly blank (ink in 8-21 % of images, against 41-57 % over the first three steps).
 With `probe` = P, each training step also reads P random unread pixels counterfactually (no gradient into the
-classifier, the path unchanged) and regresses their estimates on the drops they would have given.
+classifier, the path unchanged) and regresses their estimates on the drops they would have given. Measured (P = 1,
+K = 25, 512 wide, 15 epochs): the unread pixels' estimates become calibrated in mean, correlate with their drops
+at 0.06-0.21 over steps 2-7, and the late glimpses read ink 2-3 times as often, but validation accuracy is 90.52 %
+against 91.06 % without (test 90.71 / 91.00 %), at 1.4x the time: the pixels read late still lower the
+cross-entropy by about nothing, so the late plateau is as much the classifier's as the ranking's. Off by default.
 """
 
 from __future__ import annotations
