@@ -331,6 +331,8 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not show_progress)
     with progress:
+        if resumed_after and show_progress:
+            progress.console.print(f"resuming {name} after epoch {len(history)} of {cfg.epochs} from {checkpoint}")
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             task = progress.add_task(f"{name} epoch {epoch}/{cfg.epochs}", total=batches_per_epoch, status="")
             model.train()

@@ -162,6 +162,7 @@ def test_a_killed_training_refuses_to_start_over_and_resumes_from_its_checkpoint
     assert resumed.returncode == 0, resumed.stderr
     meta = json.loads((tmp_path / "runs" / "mlp-s0" / "meta.json").read_text())
     assert len(meta["history"]) == 40 and len(meta["resumed_after"]) == 1 and 1 <= meta["resumed_after"][0] < 40
+    assert f"resuming mlp after epoch {meta['resumed_after'][0]} of 40" in resumed.stdout
     assert [row["epoch"] for row in meta["history"]] == list(range(1, 41))
     assert not checkpoint.exists()
 
