@@ -186,8 +186,10 @@ class GlimpseRun(NamedTuple):
     # (K, B) or None: with policy="grid" each read pixel's estimated gain; training a coordinate policy with
     # exploration, the (scaled) log-likelihood of each explored sample
     policy_terms: torch.Tensor | None
-    probe_logits: torch.Tensor | None  # (K, P, B, 10), training with `probe` = P: the logits had each probed pixel been read
-    probe_terms: torch.Tensor | None  # (K, P, B), training with `probe`: the probed pixels' estimated gains
+    # with P probes per step (training with `probe` = P, or `run(probes=P)`), else None: (K, P, B, 10) the logits had
+    # each probed pixel been read instead, and (K, P, B) the probed pixels' estimated gains
+    probe_logits: torch.Tensor | None
+    probe_terms: torch.Tensor | None
 
 
 class GlimpseNet(nn.Module):
@@ -210,7 +212,7 @@ class GlimpseNet(nn.Module):
             raise ValueError(f"gain={gain!r}: 'cross_entropy' or, for policy='grid' only, 'entropy'")
         if canvas and policy != "grid":
             raise ValueError("canvas shows the policy the whole pixels read so far: it needs policy='grid'")
-        if probe < 0 or probe > 0 and (policy != "grid" or discount > 0):
+        if probe < 0 or (probe > 0 and (policy != "grid" or discount > 0)):
             raise ValueError(f"probe={probe}: the number of random unread pixels also read at each step to train the "
                              f"gain estimates; it needs policy='grid' and discount 0 (a probe has no later reads)")
         if quantise and explore <= 0:
@@ -365,7 +367,8 @@ class GlimpseNet(nn.Module):
             return loss + self.snap * snap_penalty
         if self.grid:  # each read pixel's estimated gain regresses on the drop in uncertainty it gave
             after = ce if self.gain == "cross_entropy" else uncertainty(out.logits)
-            before = torch.cat([ce.new_full((1, ce.shape[1]), math.log(10)), after[:-1]]).detach()  # uniform guess first
+            # before the first read: the uniform guess, whose cross-entropy and entropy are both log 10
+            before = torch.cat([ce.new_full((1, ce.shape[1]), math.log(10)), after[:-1]]).detach()
             loss = loss + F.mse_loss(out.policy_terms, discounted_gains(before - after.detach(), self.discount))
             if self.probe:  # and the probed pixels' estimates, on the drops they would have given
                 probe_after = torch.stack([uncertainty(logits) for logits in out.probe_logits.unbind(1)], dim=1)
