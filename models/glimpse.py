@@ -212,9 +212,10 @@ class GlimpseNet(nn.Module):
             raise ValueError(f"gain={gain!r}: 'cross_entropy' or, for policy='grid' only, 'entropy'")
         if canvas and policy != "grid":
             raise ValueError("canvas shows the policy the whole pixels read so far: it needs policy='grid'")
-        if probe < 0 or (probe > 0 and (policy != "grid" or discount > 0)):
+        if probe < 0 or (probe > 0 and (policy != "grid" or discount > 0 or probe > SIDE * SIDE - glimpses)):
             raise ValueError(f"probe={probe}: the number of random unread pixels also read at each step to train the "
-                             f"gain estimates; it needs policy='grid' and discount 0 (a probe has no later reads)")
+                             f"gain estimates; it needs policy='grid', discount 0 (a probe has no later reads) and at most "
+                             f"{SIDE * SIDE} - glimpses probes")
         if quantise and explore <= 0:
             raise ValueError("quantise acts on exploring glimpses only: give explore > 0 with it")
         if start is None:
@@ -443,6 +444,9 @@ def gain_calibration(model: GlimpseNet, images: torch.Tensor, labels, candidates
 
     if not model.grid:
         raise ValueError("gain_calibration needs a glimpse model with policy='grid' (one estimate per pixel)")
+    if not 1 <= candidates <= SIDE * SIDE - model.glimpses:  # the last step must have that many unread pixels
+        raise ValueError(f"candidates={candidates}: expected 1 to {SIDE * SIDE - model.glimpses} (the pixels left "
+                         f"unread after {model.glimpses} glimpses)")
     model.eval()
     labels = torch.as_tensor(np.asarray(labels)).long()
     parts = []

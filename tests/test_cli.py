@@ -193,6 +193,9 @@ def test_glimpse_gains_reads_a_grid_run_and_refuses_other_runs(tmp_path, mnist_d
     refused = CliRunner().invoke(app, ["glimpse-gains", "--run", "glimpse-k3-s0", *common])
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     assert "is not a glimpse run with --set policy=grid" in refused.output
+    too_many = CliRunner().invoke(app, ["glimpse-gains", "--run", "glimpse-policygrid-explore1.0-k3-s0",
+                                        "--candidates", "782", *common])
+    assert too_many.exit_code == 2 and "expected 1 to 781 (the pixels left unread after 3 glimpses)" in too_many.output
 
 
 def test_a_teacher_must_have_learnt_from_the_students_labels(tmp_path):

@@ -378,7 +378,7 @@ def test_grid_policy_probes_regress_random_unread_pixels_estimates_on_their_coun
     assert plain.probe_logits is None and probed.probe_logits is not None
     assert torch.equal(probed.coords, plain.coords) and torch.equal(probed.logits, plain.logits)
     for bad in ({"probe": 1}, {"policy": "grid", "explore": 1.0, "discount": 0.5, "probe": 1},
-                {"policy": "grid", "explore": 1.0, "probe": -1}):
+                {"policy": "grid", "explore": 1.0, "probe": -1}, {"policy": "grid", "explore": 1.0, "probe": 760}):
         with pytest.raises(ValueError, match="the number of random unread pixels also read at each step"):
             create_model("glimpse", **bad)
 
