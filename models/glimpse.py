@@ -120,7 +120,7 @@ for the greedy choices, so nothing tells the policy that a pixel it ranks low is
 measures this (30-epoch K = 25 model, 500 validation images, 16 random unread pixels per step): the estimate of
 the pixel read matches the drop it gives at every step (0.278 / 0.269 at step 1, 0.064 / 0.055 at step 10), but
 over random unread pixels the correlation of estimate and drop is within +-0.06 of zero at every step, and from
-step ~15 the pixels read are mostly blank (ink in 8-21 % of images, against 41-57 % over the first three steps).
+step ~15 the pixels read are mostly blank (ink in 7-21 % of images, against 41-57 % over the first three steps).
 With `probe` = P, each training step also reads P random unread pixels counterfactually (no gradient into the
 classifier, the path unchanged) and regresses their estimates on the drops they would have given. Measured (P = 1,
 K = 25, 512 wide, 15 epochs): the unread pixels' estimates become calibrated in mean, correlate with their drops
