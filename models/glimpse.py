@@ -258,6 +258,7 @@ class GlimpseNet(nn.Module):
         """
         b = x.shape[0]
         probes = (self.probe if self.training else 0) if probes is None else probes
+        x_probed = x.repeat(probes, 1, 1, 1) if probes else None  # probes read P * B images in one batch
         hist_sum = x.new_zeros(b, self.state_size)
         z = self.encoder(x.new_zeros(b, self.state_size + 1))  # code of the empty state
         probs = x.new_full((b, 10), 0.1)  # the uniform first guess
@@ -278,8 +279,7 @@ class GlimpseNet(nn.Module):
                     others = torch.rand(unread.shape, device=x.device).masked_fill(~unread, -1).topk(probes).indices
                     all_probe_terms.append(where.gather(1, others).T)  # (P, B)
                     with torch.no_grad():  # probes train the estimates only, not the classifier
-                        logits = self.read_and_predict(x.repeat(probes, 1, 1, 1),  # all in one batch of P * B reads
-                                                       pixel_coords(others.T.flatten()).to(x.dtype),
+                        logits = self.read_and_predict(x_probed, pixel_coords(others.T.flatten()).to(x.dtype),
                                                        hist_sum.repeat(probes, 1), t)[2]
                         all_probe_logits.append(logits.view(probes, b, 10))
             else:
@@ -352,28 +352,22 @@ class GlimpseNet(nn.Module):
         """
         out = self.run(x)
 
-        def cross_entropy(logits):  # (K, B, 10) -> (K, B)
-            return F.cross_entropy(logits.flatten(0, 1), y.repeat(self.glimpses), label_smoothing=label_smoothing,
-                                   reduction="none").view(self.glimpses, -1)
-
         def uncertainty(logits):  # what a read's gain is a drop in
             if self.gain == "entropy":  # the model's own uncertainty: no label in it, so a less noisy target
-                return -(F.softmax(logits, 2) * F.log_softmax(logits, 2)).sum(2)
-            return cross_entropy(logits)
+                return -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1)
+            return step_cross_entropy(logits, y, label_smoothing)
 
-        ce = cross_entropy(out.logits)
+        ce = step_cross_entropy(out.logits, y, label_smoothing)
         loss = ce.mean()
         if self.explore <= 0:
             snap_penalty = torch.sin(math.pi * out.coords).square().mean()  # 0 at pixel centres, 1 half-way between
             return loss + self.snap * snap_penalty
         if self.grid:  # each read pixel's estimated gain regresses on the drop in uncertainty it gave
             after = ce if self.gain == "cross_entropy" else uncertainty(out.logits)
-            # before the first read: the uniform guess, whose cross-entropy and entropy are both log 10
-            before = torch.cat([ce.new_full((1, ce.shape[1]), math.log(10)), after[:-1]]).detach()
+            before = uncertainty_before(after).detach()
             loss = loss + F.mse_loss(out.policy_terms, discounted_gains(before - after.detach(), self.discount))
             if self.probe:  # and the probed pixels' estimates, on the drops they would have given
-                probe_after = torch.stack([uncertainty(logits) for logits in out.probe_logits.unbind(1)], dim=1)
-                loss = loss + F.mse_loss(out.probe_terms, before.unsqueeze(1) - probe_after)
+                loss = loss + F.mse_loss(out.probe_terms, before.unsqueeze(1) - uncertainty(out.probe_logits))
         elif self.exploration() > 0:
             returns = -ce.detach().flip(0).cumsum(0).flip(0)
             loss = loss - ((returns - returns.mean(1, keepdim=True)) * out.policy_terms).mean()
@@ -387,6 +381,19 @@ class GlimpseNet(nn.Module):
         if not self.training or self.explore <= 0:
             return 0.0
         return self.explore * max(0.0, 1 - self.steps_taken / self.explore_steps)
+
+
+def step_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with labels y (B,) of logits (..., B, 10), e.g. every step's (K, B, 10) or every probe's
+    (K, P, B, 10): shape (..., B)."""
+    return F.cross_entropy(logits.reshape(-1, 10), y.expand(logits.shape[:-1]).reshape(-1),
+                           label_smoothing=label_smoothing, reduction="none").view(logits.shape[:-1])
+
+
+def uncertainty_before(after: torch.Tensor) -> torch.Tensor:
+    """Each step's uncertainty before its read (K, B), from the uncertainty after every read (K, B): the step
+    before's, and for the first read the uniform guess's, whose cross-entropy and entropy are both log 10."""
+    return torch.cat([after.new_full((1, after.shape[1]), math.log(10)), after[:-1]])
 
 
 def discounted_gains(drops: torch.Tensor, discount: float) -> torch.Tensor:
@@ -453,11 +460,9 @@ def gain_calibration(model: GlimpseNet, images: torch.Tensor, labels, candidates
     for start in range(0, len(images), batch_size):
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
         out = model.run(x, probes=candidates)
-        k, b = out.logits.shape[:2]
-        ce = F.cross_entropy(out.logits.flatten(0, 1), y.repeat(k), reduction="none").view(k, b)
-        before = torch.cat([ce.new_full((1, b), math.log(10)), ce[:-1]])
-        probe_ce = F.cross_entropy(out.probe_logits.flatten(0, 2), y.repeat(k * candidates),
-                                   reduction="none").view(k, candidates, b)
+        ce = step_cross_entropy(out.logits, y)
+        before = uncertainty_before(ce)
+        probe_ce = step_cross_entropy(out.probe_logits, y)  # (K, P, B)
         chosen = (out.coords[..., 0] * SIDE + out.coords[..., 1]).long()  # (K, B) pixel indices
         parts.append({"correct": (out.logits.argmax(2) == y).float(), "chosen_estimate": out.policy_terms,
                       "chosen_drop": before - ce, "chosen_ink": (x.flatten(1).T.gather(0, chosen) > 0).float(),
