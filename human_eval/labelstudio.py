@@ -1,23 +1,28 @@
 """Crowd labelling through Label Studio, and CSV export of the answers.
 
 Export (`export_labelstudio`) writes into one folder
-  images/<test_index>.png   each image enlarged 8x by pixel repetition (no interpolation), so a browser
+  images/<item>.png         each image enlarged 8x by pixel repetition (no interpolation), so a browser
                             shows crisp pixels instead of a blurred 28 x 28 thumbnail
-  tasks.json                the Label Studio import format: [{"data": {"image": URL, "test_index": i,
-                            "hardset": name}}, ...] in a seeded shuffled order; no label, no prediction
+  tasks.json                the Label Studio import format: [{"data": {"image": URL, "item": id}}, ...] in a
+                            seeded shuffled order
   label_config.xml          an image-classification config with single choices 0-9 and "cannot tell"
-Image URLs are `image_url` + "<i>.png"; the CLI's default prefix, `/data/local-files/?d=images/`, is Label
+Blind: a task carries only its image and an opaque item id (random hex, kept in the annotation store's
+crowd_items table), never the test index (an MNIST test index looks up the label), the hard set's name (which
+says a model got it wrong), a label or a prediction; Label Studio shows data fields to its annotators.
+Image URLs are `image_url` + "<item>.png"; the CLI's default prefix, `/data/local-files/?d=images/`, is Label
 Studio's local-file serving (LOCAL_FILES_SERVING_ENABLED=true, LOCAL_FILES_DOCUMENT_ROOT = the export
 folder); pass another prefix when the PNGs are hosted elsewhere.
 
 Import (`import_labelstudio`) reads a Label Studio JSON export (a list of tasks, each with "data" and
 "annotations": [{"completed_by", "result": [{"from_name": "digit", "type": "choices",
-"value": {"choices": ["7"]}}], "created_at", "lead_time", "was_cancelled", "id"}]) into the annotation store
-as quick answers. answered_at is the annotation's created_at (UTC), shown_at that minus lead_time (the
-seconds Label Studio measured on the task; unknown if absent). The annotator is "labelstudio-<value>" of the
-field named by --annotator-from (an email or id when the field holds a user object). Each annotation is
-keyed by its task, id, annotator and time, so importing a file twice adds nothing the second time.
-Skipped (cancelled) or empty annotations are counted, not stored.
+"value": {"choices": ["7"]}}], "created_at", "updated_at", "lead_time", "was_cancelled", "id"}]) into the
+annotation store as quick answers, each item found by its id in the store that exported it. answered_at is
+the annotation's updated_at, else created_at (UTC), shown_at that minus lead_time (the seconds Label Studio
+measured on the task; unknown if absent). The annotator is "labelstudio-<value>" of the field named by
+--annotator-from (an email or id when the field holds a user object). Each annotation is keyed by its task,
+id, annotator and time, so importing a file twice adds nothing the second time, while an answer changed in
+Label Studio (same id, new updated_at) comes in as a later answer, which is then the final one; the earlier
+stays in the store. Skipped (cancelled) or empty annotations are counted, not stored.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from PIL import Image
 
 from benchmark.errors import BenchError
 from human_eval.session import hardset_controls, stable_seed
-from human_eval.store import AnnotationStore, load_answers
+from human_eval.store import AnnotationStore, default_db_path, load_answers
 
 CANNOT_TELL_CHOICE = "cannot tell"
 PNG_SCALE = 8
@@ -52,6 +57,8 @@ def export_labelstudio(workspace: Path, hardset: str, out: Path, controls: int, 
     same ones a terminal session of this hard set gets) into `out`. Returns (tasks file, task count)."""
     from benchmark.hardset import load_hardset
 
+    if controls < 0:
+        raise BenchError(f"--controls {controls}: expected 0 or more control images")
     table, images, meta = load_hardset(workspace, hardset)
     test_indices = table["test_index"].to_numpy()
     if controls:
@@ -61,12 +68,13 @@ def export_labelstudio(workspace: Path, hardset: str, out: Path, controls: int, 
         control_indices = hardset_controls(workspace, hardset, meta["runs"], controls, mnist.test_labels)
         test_indices = np.concatenate([test_indices, control_indices])
         images = np.concatenate([images, mnist.test_images[control_indices]])
+    with AnnotationStore(default_db_path(workspace)) as store:
+        items = store.crowd_items(hardset, [int(t) for t in test_indices])
     (out / "images").mkdir(parents=True, exist_ok=True)
     tasks = []
-    for test_index, image in zip(test_indices, images):
-        name = f"{int(test_index)}.png"
-        Image.fromarray(np.kron(image, np.ones((PNG_SCALE, PNG_SCALE), np.uint8))).save(out / "images" / name)
-        tasks.append({"data": {"image": image_url + name, "test_index": int(test_index), "hardset": hardset}})
+    for item, image in zip(items, images):
+        Image.fromarray(np.kron(image, np.ones((PNG_SCALE, PNG_SCALE), np.uint8))).save(out / "images" / f"{item}.png")
+        tasks.append({"data": {"image": f"{image_url}{item}.png", "item": item}})
     # Label Studio shows tasks in file order by default: shuffle so a crowd does not meet them sorted.
     order = np.random.default_rng(stable_seed("labelstudio", hardset)).permutation(len(tasks))
     (out / "tasks.json").write_text(json.dumps([tasks[i] for i in order], indent=1))
@@ -120,9 +128,37 @@ def parse_choice(annotation: dict) -> tuple[bool, int | None]:
     return False, None
 
 
+def task_answers(store: AnnotationStore, task: dict, annotator_from: str, summary: ImportSummary) -> list[tuple]:
+    """The answers in one exported task: [(answered_at, origin key, hard set, test index, annotator, answer,
+    shown_at)], its cancelled or empty annotations counted in `summary.skipped`."""
+    located = store.crowd_item(str(task["data"]["item"])) if "item" in task["data"] else None
+    if located is None:
+        raise BenchError(f"task {task.get('id')} names no item this workspace exported; import into the workspace "
+                         f"whose `bench human-label export` made the tasks")
+    hardset, test_index = located
+    answers = []
+    for annotation in task.get("annotations") or []:
+        has_choice, answer = parse_choice(annotation)
+        if annotation.get("was_cancelled") or not has_choice:
+            summary.skipped += 1
+            continue
+        stamp = annotation.get("updated_at") or annotation["created_at"]  # an answer changed later: its new time
+        try:
+            when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))  # Python 3.10 does not read "Z"
+        except ValueError:
+            raise BenchError(f"annotation {annotation.get('id')}: time {stamp!r} is not an ISO 8601 date") from None
+        answered_at = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+        lead_time = annotation.get("lead_time")
+        annotator = annotator_id(annotation, annotator_from)
+        origin = f"labelstudio:{task.get('id')}:{annotation.get('id')}:{annotator}:{stamp}"
+        answers.append((answered_at, origin, hardset, test_index, annotator, answer,
+                        answered_at - lead_time if lead_time is not None else math.nan))
+    return answers
+
+
 def import_labelstudio(store: AnnotationStore, path: Path, annotator_from: str, workspace: Path) -> ImportSummary:
-    """Read a Label Studio JSON export into `store`. The tasks name their hard set (in `workspace`); a test
-    index outside it is a control image."""
+    """Read a Label Studio JSON export of tasks made by `export_labelstudio` from `workspace` into `store`; an item
+    outside its hard set is a control image."""
     from benchmark.hardset import load_hardset
 
     try:
@@ -132,32 +168,25 @@ def import_labelstudio(store: AnnotationStore, path: Path, annotator_from: str, 
     if not isinstance(tasks, list):
         raise BenchError(f"{path}: expected a list of tasks (Label Studio's JSON export), got {type(tasks).__name__}")
     known, summary = store.origins(), ImportSummary(0, 0, 0, [])
-    rows, hardset_items = [], {}  # hardset_items: {hard set: its test indices}
-    for task in tasks:
-        data = task.get("data", {})
-        if "test_index" not in data or "hardset" not in data:
-            raise BenchError(f"{path}: task {task.get('id')} has no test_index / hardset in its data; was it "
-                             f"made by `bench human-label export`?")
-        if data["hardset"] not in hardset_items:
-            hardset_items[data["hardset"]] = set(load_hardset(workspace, data["hardset"])[0]["test_index"].tolist())
-        for annotation in task.get("annotations", []):
-            has_choice, answer = parse_choice(annotation)
-            if annotation.get("was_cancelled") or not has_choice:
-                summary.skipped += 1
-                continue
-            created = datetime.fromisoformat(annotation["created_at"])
-            answered_at = (created if created.tzinfo else created.replace(tzinfo=timezone.utc)).timestamp()
-            lead_time = annotation.get("lead_time")
-            annotator = annotator_id(annotation, annotator_from)
-            origin = f"labelstudio:{task.get('id')}:{annotation.get('id')}:{annotator}:{annotation['created_at']}"
-            rows.append((answered_at, origin, data, annotator, answer,
-                         answered_at - lead_time if lead_time is not None else math.nan))
-    for answered_at, origin, data, annotator, answer, shown_at in sorted(rows, key=lambda r: r[0]):
-        if origin in known:  # imported before
+    answers = []
+    for n, task in enumerate(tasks, 1):
+        try:
+            answers += task_answers(store, task, annotator_from, summary)
+        except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of another type
+            raise BenchError(f"{path}: task {n} is not in Label Studio's JSON export format ({type(exc).__name__}: "
+                             f"{exc}); export the project as JSON") from None
+        except BenchError as exc:
+            raise BenchError(f"{path}: {exc}") from None
+    hardset_items = {}  # {hard set: its test indices}
+    for answered_at, origin, hardset, test_index, annotator, answer, shown_at in sorted(answers, key=lambda r: r[0]):
+        if origin in known:  # imported before (or twice in this file)
             summary.already_there += 1
             continue
-        store.add_answer(data["hardset"], int(data["test_index"]), annotator, "quick", answer, "", shown_at,
-                         answered_at, int(data["test_index"]) not in hardset_items[data["hardset"]], origin=origin)
+        if hardset not in hardset_items:
+            hardset_items[hardset] = set(load_hardset(workspace, hardset)[0]["test_index"].tolist())
+        store.add_answer(hardset, test_index, annotator, "quick", answer, "", shown_at, answered_at,
+                         test_index not in hardset_items[hardset], origin=origin)
+        known.add(origin)
         summary.imported += 1
         if annotator not in summary.annotators:
             summary.annotators.append(annotator)

@@ -224,6 +224,10 @@ class LabelSession:
             hint=self.hint or (DONE_HINT if finished else ""))
 
     def close(self) -> None:
+        """End the session. A considered answer whose reason is still being typed (Ctrl-C, the window closed, the
+        process terminated) is saved with the reason typed so far: its key was pressed, so it is an answer."""
+        if self.mode == "reason":
+            self.record(self.pending, self.pending_at, self.reason.strip())
         self.store.end_session(self.session_id)
 
 

@@ -12,6 +12,8 @@ blocks a writer) holds
                NULL = cannot tell), reason, shown_at and answered_at (Unix seconds), is_control, the
                session it came from and, for imports, an origin key that makes re-importing a no-op
   corrections  undo never deletes an answer; it adds a row here that retires it
+  crowd_items  the opaque id under which an item was exported to a crowd tool (Label Studio), so the tool
+               never shows the test index (which looks up the label) or the hard set's name
 The final answer of an annotator for an item and phase is the latest answer without a correction;
 `load_answers` returns exactly those rows, the one table every analysis reads.
 
@@ -23,6 +25,7 @@ could lose the last few, which is the usual WAL trade for not fsyncing on every 
 from __future__ import annotations
 
 import math
+import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -79,6 +82,12 @@ CREATE TABLE IF NOT EXISTS answers (
     origin      TEXT UNIQUE
 );
 CREATE INDEX IF NOT EXISTS answers_by_item ON answers (hardset, annotator, test_index, phase);
+CREATE TABLE IF NOT EXISTS crowd_items (
+    item        TEXT PRIMARY KEY,
+    hardset     TEXT NOT NULL,
+    test_index  INTEGER NOT NULL,
+    UNIQUE (hardset, test_index)
+);
 CREATE TABLE IF NOT EXISTS corrections (
     id          INTEGER PRIMARY KEY,
     answer_id   INTEGER NOT NULL UNIQUE REFERENCES answers(id),
@@ -174,6 +183,22 @@ class AnnotationStore:
     def origins(self) -> set[str]:
         """The origin keys of imported answers already in the store."""
         return {r[0] for r in self.conn.execute("SELECT origin FROM answers WHERE origin IS NOT NULL")}
+
+    def crowd_items(self, hardset: str, test_indices: list[int]) -> list[str]:
+        """The opaque id (random hex) of each item of `hardset`, made on its first export and kept after, so an
+        item exported twice is the same task."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            known = dict(self.conn.execute("SELECT test_index, item FROM crowd_items WHERE hardset = ?", (hardset,)))
+            new = {int(t): secrets.token_hex(8) for t in test_indices if int(t) not in known}
+            self.conn.executemany("INSERT INTO crowd_items (item, hardset, test_index) VALUES (?, ?, ?)",
+                                  [(item, hardset, t) for t, item in new.items()])
+        return [{**known, **new}[int(t)] for t in test_indices]
+
+    def crowd_item(self, item: str) -> tuple[str, int] | None:
+        """(hard set, test index) of an exported item's opaque id, or None if this store never exported it."""
+        row = self.conn.execute("SELECT hardset, test_index FROM crowd_items WHERE item = ?", (item,)).fetchone()
+        return None if row is None else (row[0], int(row[1]))
 
     # Sessions and plans ------------------------------------------------------------------------------------
 

@@ -34,7 +34,6 @@ LARGE_SIDE = 42  # pixels of the second-look image: 21 text rows, the most an 80
 ASCII_SHADES = " .:-=+*#%@"
 UPPER_HALF = "\u2580"
 RESET = "\x1b[0m"
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # The xterm 256-colour greys: 16 is black, 232-255 run from 8 to 238 in steps of 10, 231 is white.
 GREY_LEVELS = np.array([0] + [8 + 10 * k for k in range(24)] + [255])
 GREY_CODES = np.array([16] + list(range(232, 256)) + [231])
@@ -45,10 +44,6 @@ def colour_mode(env: Mapping[str, str]) -> str:
     if env.get("NO_COLOR") or env.get("TERM", "") == "dumb":  # no-color.org: any non-empty value
         return "ascii"
     return "truecolor" if env.get("COLORTERM", "").lower() in ("truecolor", "24bit") else "256"
-
-
-def visible_width(text: str) -> int:
-    return len(ANSI_ESCAPE.sub("", text))
 
 
 def image_rows(image: np.ndarray, mode: str) -> list[str]:

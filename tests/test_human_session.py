@@ -237,6 +237,22 @@ def test_think_flow_stores_quick_and_considered_answers_with_reason(ws):
     assert session.view().phase == "considered" and session.view().position == 2
 
 
+def test_quitting_while_typing_a_reason_keeps_the_considered_answer(ws):
+    clock = FakeClock()
+    session = start(ws, think=True, clock=clock)
+    first = session.items[0].test_index
+    press(session, "4")
+    clock.now += 2.0
+    press(session, "9", *"open lo", "ctrl-c")  # the considered answer's key was pressed, its reason half typed
+    assert session.quit_requested
+    session.close()  # what the CLI does for Ctrl-C, a closed window or a terminated process
+    answers = load_answers(default_db_path(ws)).set_index(["test_index", "phase"])
+    assert answers.loc[(first, "considered"), "answer"] == 9 and answers.loc[(first, "considered"), "reason"] == "open lo"
+    assert answers.loc[(first, "considered"), "seconds"] == 2.0
+    resumed = start(ws, think=True, clock=clock)
+    assert resumed.view().position == 2 and resumed.view().phase == "quick"
+
+
 def test_renderings():
     image = np.array([[0, 16, 128, 255]], np.uint8)
     assert render(image, "inverted").tolist() == [[255, 239, 127, 0]]
@@ -275,7 +291,10 @@ def test_half_blocks_carry_two_pixel_rows_per_text_row():
 
 @pytest.mark.parametrize("mode", ["truecolor", "256", "ascii"])
 def test_every_screen_fits_80_by_24(ws, mode):
-    from human_eval.terminal import frame, visible_width
+    from human_eval.terminal import frame
+
+    def visible_width(line: str) -> int:  # without the colour escape sequences
+        return len(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line))
 
     session = start(ws, think=True)
     screens = []
@@ -370,11 +389,20 @@ def test_label_studio_round_trip(ws, tmp_path):
     out = tmp_path / "ls"
     tasks_file, count = export_labelstudio(ws, "tiny", out, 0, None, "/data/local-files/?d=images/")
     tasks = json.loads(tasks_file.read_text())
-    assert count == 5 and {t["data"]["test_index"] for t in tasks} == set(100 + 7 * np.arange(5))
-    assert all(set(t["data"]) == {"image", "test_index", "hardset"} for t in tasks)  # blind: no label in a task
+    store = AnnotationStore(default_db_path(ws))
+    # blind: a task holds its image and an opaque id, no test index (it looks up the label), hard set or label
+    assert count == 5 and all(set(t["data"]) == {"image", "item"} for t in tasks)
+    located = {t["data"]["item"]: store.crowd_item(t["data"]["item"]) for t in tasks}
+    assert sorted(test_index for _, test_index in located.values()) == list(100 + 7 * np.arange(5))
+    assert {hardset for hardset, _ in located.values()} == {"tiny"}
+    assert not any(str(test_index) in t["data"]["image"] for t in tasks for _, test_index in located.values())
     images = np.load(ws / "hardsets" / "tiny" / "images.npy")
-    png = np.asarray(Image.open(out / "images" / f"{tasks[0]['data']['test_index']}.png"))
-    assert np.array_equal(png[::8, ::8], images[(tasks[0]["data"]["test_index"] - 100) // 7])
+    item = tasks[0]["data"]["item"]
+    png = np.asarray(Image.open(out / "images" / f"{item}.png"))
+    assert tasks[0]["data"]["image"] == f"/data/local-files/?d=images/{item}.png"
+    assert np.array_equal(png[::8, ::8], images[(located[item][1] - 100) // 7])
+    again = json.loads(export_labelstudio(ws, "tiny", tmp_path / "again", 0, None, "")[0].read_text())
+    assert {t["data"]["item"] for t in again} == set(located)  # an item keeps its id across exports
     choices = re.findall(r'<Choice value="([^"]+)"/>', (out / "label_config.xml").read_text())
     assert choices == [str(d) for d in range(10)] + ["cannot tell"]
     assert '<Image name="image" value="$image"/>' in LABEL_CONFIG
@@ -387,7 +415,7 @@ def test_label_studio_round_trip(ws, tmp_path):
         task["annotations"] = []
         for user in (10, 11):
             choice = "cannot tell" if rng.random() < 0.2 else str(rng.integers(0, 10))
-            key = (f"labelstudio-{user}", task["data"]["test_index"])
+            key = (f"labelstudio-{user}", located[task["data"]["item"]][1])
             truth[key] = None if choice == "cannot tell" else int(choice)
             task["annotations"].append({
                 "id": 1000 + 2 * n + user, "completed_by": user, "was_cancelled": False, "lead_time": 2.0 + n,
@@ -397,30 +425,57 @@ def test_label_studio_round_trip(ws, tmp_path):
     tasks[0]["annotations"].append({"id": 99, "completed_by": 12, "was_cancelled": True, "result": [],
                                     "created_at": "2024-05-01T11:00:00Z", "lead_time": 1.0})
     export_file = tmp_path / "export.json"
-    export_file.write_text(json.dumps(tasks))
-    store = AnnotationStore(default_db_path(ws))
+    export_file.write_text(json.dumps(tasks + tasks[-1:]))  # a task listed twice counts once
     summary = import_labelstudio(store, export_file, "completed_by", ws)
-    assert (summary.imported, summary.skipped) == (10, 1)
+    assert (summary.imported, summary.skipped, summary.already_there) == (10, 1, 2)
     assert sorted(summary.annotators) == ["labelstudio-10", "labelstudio-11"]
     answers = load_answers(default_db_path(ws))
     got = {(a, t): (None if pd.isna(v) else int(v))
            for a, t, v in answers[["annotator", "test_index", "answer"]].itertuples(index=False)}
     assert got == truth
-    first = answers[answers["test_index"] == tasks[0]["data"]["test_index"]]
+    first = answers[answers["test_index"] == located[tasks[0]["data"]["item"]][1]]
     assert (first["seconds"] == 2.0).all() and not answers["is_control"].any()
-    assert import_labelstudio(store, export_file, "completed_by", ws).already_there == 10  # re-import adds nothing
+    assert import_labelstudio(store, export_file, "completed_by", ws).already_there == 12  # re-import adds nothing
     assert len(load_answers(default_db_path(ws))) == 10
+
+    # user 10 changes an answer in Label Studio: same annotation id, a new updated_at; the change is the final
+    # answer, the first one stays in the store
+    changed = tasks[1]["annotations"][0]
+    new_choice = str(((truth["labelstudio-10", located[tasks[1]["data"]["item"]][1]] or 0) + 1) % 10)
+    changed.update(updated_at="2024-05-02T09:00:00Z", result=[{"from_name": "digit", "type": "choices",
+                                                               "value": {"choices": [new_choice]}}])
+    export_file.write_text(json.dumps(tasks))
+    summary = import_labelstudio(store, export_file, "completed_by", ws)
+    assert (summary.imported, summary.already_there) == (1, 9)
+    truth["labelstudio-10", located[tasks[1]["data"]["item"]][1]] = int(new_choice)
+    answers = load_answers(default_db_path(ws))
+    assert {(a, t): (None if pd.isna(v) else int(v))
+            for a, t, v in answers[["annotator", "test_index", "answer"]].itertuples(index=False)} == truth
+    assert store.conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 11
     csv_path, rows = export_csv(default_db_path(ws), tmp_path / "csv", "tiny")
     assert rows == 10 and pd.read_csv(csv_path)["answer"].isna().sum() == sum(v is None for v in truth.values())
 
 
-def test_label_studio_import_rejects_a_foreign_file(ws, tmp_path):
-    from human_eval.labelstudio import import_labelstudio
+@pytest.mark.parametrize("tasks, message", [
+    ([{"id": 1, "data": {"image": "x.png"}, "annotations": []}], "task 1 names no item this workspace exported"),
+    ([{"id": 1, "data": {"item": "0badc0ffee"}}], "task 1 names no item this workspace exported"),
+    (["not a task"], "task 1 is not in Label Studio's JSON export format"),
+    (None, "annotation 7: time 'yesterday' is not an ISO 8601 date"),
+    ("no-time", "task 1 is not in Label Studio's JSON export format (KeyError: 'created_at')")])
+def test_label_studio_import_rejects_a_foreign_file_in_one_line(ws, tmp_path, tasks, message):
+    from human_eval.labelstudio import export_labelstudio, import_labelstudio
 
+    if not isinstance(tasks, list):  # a real export whose annotation time is unreadable or missing
+        tasks = json.loads(export_labelstudio(ws, "tiny", tmp_path / "ls", 0, None, "")[0].read_text())[:1]
+        tasks[0]["annotations"] = [{"id": 7, "completed_by": 1, "created_at": "yesterday", "result": [
+            {"from_name": "digit", "type": "choices", "value": {"choices": ["3"]}}]}]
+        if message.endswith("'created_at')"):
+            del tasks[0]["annotations"][0]["created_at"]
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"id": 1, "data": {"image": "x.png"}, "annotations": []}]))
-    with pytest.raises(BenchError, match="no test_index / hardset"):
+    bad.write_text(json.dumps(tasks))
+    with pytest.raises(BenchError, match=re.escape(message)):
         import_labelstudio(AnnotationStore(default_db_path(ws)), bad, "completed_by", ws)
+    assert load_answers(default_db_path(ws)).empty
 
 
 # The command line ---------------------------------------------------------------------------------------------
