@@ -130,6 +130,18 @@ def smooth_noise(noise: torch.Tensor, sigma: torch.Tensor, radius: int, padding:
     return F.conv2d(smooth, kernels.view(n, 1, -1, 1), padding=(padding, 0), groups=n).squeeze(0)
 
 
+def interval(name: str, value, low: float, high: float, ordered: bool = True) -> tuple[float, float]:
+    """A model option that is a pair of numbers (lo, hi), both in [low, high] (and lo <= hi if `ordered`);
+    ValueError naming the option otherwise."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: expected two numbers, e.g. {name}=(LO,HI)") from None
+    if not (low <= lo <= high and low <= hi <= high and (lo <= hi or not ordered)):
+        raise ValueError(f"{name}={value!r}: expected {'LO <= HI, ' if ordered else ''}both in [{low}, {high}]")
+    return lo, hi
+
+
 def cow_masks(n: int, size: int = 28, proportion: float | torch.Tensor = 0.5,
               sigma_range: tuple[float, float] = (3.0, 12.0), generator: torch.Generator | None = None,
               device: torch.device | str = "cpu") -> torch.Tensor:
@@ -144,8 +156,10 @@ def cow_masks(n: int, size: int = 28, proportion: float | torch.Tensor = 0.5,
     smooth = smooth_noise(noise, sigma, radius, padding=radius).view(n, -1)
     # Threshold each mask at its own order statistic so that exactly round(p * size^2) pixels are kept.
     keep = torch.as_tensor(proportion, dtype=torch.float32).expand(n)
-    dropped = ((1 - keep) * size * size).round().long().clamp(0, size * size - 1)
-    threshold = smooth.sort(dim=1).values.gather(1, dropped[:, None])
+    dropped = ((1 - keep) * size * size).round().long().clamp(0, size * size)
+    # the threshold is the (dropped + 1)-th smallest value; past the last one, +inf drops every pixel
+    ordered = torch.cat([smooth.sort(dim=1).values, torch.full((n, 1), math.inf)], dim=1)
+    threshold = ordered.gather(1, dropped[:, None])
     return (smooth >= threshold).float().view(n, 1, size, size).to(device)
 
 
@@ -162,6 +176,11 @@ class MeanTeacher(nn.Module):
         self.rampup_steps, self.steps_taken = rampup_steps, 0
         if mode not in ("mix", "erase"):
             raise ValueError(f"mode {mode!r}: expected mix or erase")
+        if not (0 <= ema_decay <= 1 and 0 <= confidence <= 1 and sharpen > 0 and rampup_steps >= 0):
+            raise ValueError(f"ema_decay={ema_decay}, confidence={confidence}: expected values in [0, 1]; "
+                             f"sharpen={sharpen}: above 0; rampup_steps={rampup_steps}: 0 or more")
+        proportion_range = interval("proportion_range", proportion_range, 0.0, 1.0)
+        sigma_range = interval("sigma_range", sigma_range, 0.1, math.inf)
         self.student = ConvNet(width)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()  # it only ever predicts
         self.ema_decay, self.mode, self.confidence = ema_decay, mode, confidence
@@ -170,8 +189,8 @@ class MeanTeacher(nn.Module):
         if second_view_elastic is not None:  # ...distorted by these TrainConfig fields on top of the affine map
             if not second_view:
                 raise ValueError("second_view_elastic distorts the second view: also give second_view=True")
-            alpha, sigma = second_view_elastic
-            self.second_view_distortion = {"elastic": float(alpha), "elastic_sigma": float(sigma)}
+            alpha, sigma = interval("second_view_elastic", second_view_elastic, 0.0, math.inf, ordered=False)
+            self.second_view_distortion = {"elastic": alpha, "elastic_sigma": sigma}
         self.consistency_weight, self.sharpen = consistency_weight, sharpen
         self.proportion_range, self.sigma_range = proportion_range, sigma_range
 
@@ -183,11 +202,10 @@ class MeanTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
 
-    def sample_masks(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks (n, 1, 28, 28) and their kept proportions (n,), proportion drawn uniformly per image."""
+    def sample_masks(self, n: int, device) -> torch.Tensor:
+        """Masks (n, 1, 28, 28), each keeping a proportion of pixels drawn uniformly from `proportion_range`."""
         lo, hi = self.proportion_range
-        proportion = lo + (hi - lo) * torch.rand(n)
-        return cow_masks(n, 28, proportion, self.sigma_range, device=device), proportion.to(device)
+        return cow_masks(n, 28, lo + (hi - lo) * torch.rand(n), self.sigma_range, device=device)
 
     def training_loss(self, x, y, label_smoothing: float = 0.0, unlabelled: torch.Tensor | None = None,
                       second_view: torch.Tensor | None = None):
@@ -202,7 +220,7 @@ class MeanTeacher(nn.Module):
             teacher_logits = self.teacher(unlabelled)
         teacher_probs = F.softmax(teacher_logits, dim=1)
         student_view = unlabelled if second_view is None else second_view
-        masks, _ = self.sample_masks(len(unlabelled), unlabelled.device)
+        masks = self.sample_masks(len(unlabelled), unlabelled.device)
         # Only targets the teacher is confident about count (judged before sharpening). A uniform guess is
         # never confident, so the collapse to one answer for every image (always consistent) earns nothing.
         confident = (teacher_probs.max(1).values >= self.confidence).float()
@@ -271,7 +289,7 @@ class MeanTeacher(nn.Module):
         import matplotlib.pyplot as plt
         from torchvision.utils import make_grid
 
-        masks, proportion = self.sample_masks(32, "cpu")
+        masks = self.sample_masks(32, "cpu")
         grid = make_grid(masks, nrow=8, padding=2, pad_value=0.5)[0].numpy()
         fig, ax = plt.subplots(figsize=(8, 4.4))
         ax.imshow(grid, cmap="gray", vmin=0, vmax=1)

@@ -218,6 +218,9 @@ class GlimpseNet(nn.Module):
                              f"{SIDE * SIDE} - glimpses probes")
         if quantise and explore <= 0:
             raise ValueError("quantise acts on exploring glimpses only: give explore > 0 with it")
+        if explore > 0 and explore_steps < 1:
+            raise ValueError(f"explore_steps={explore_steps}: the exploration fades over this many training steps; "
+                             f"give 1 or more")
         if start is None:
             start_pixels = sunflower(glimpses, radius).round()
         else:  # pixel indices, row-major: (row, col) = divmod(p, 28)
@@ -265,6 +268,7 @@ class GlimpseNet(nn.Module):
         all_logits, all_coords, all_policy_terms, all_probe_logits, all_probe_terms = [], [], [], [], []
         if self.grid:
             unread = torch.ones(b, SIDE * SIDE, dtype=torch.bool, device=x.device)
+        if self.canvas:
             seen = x.new_zeros(b, SIDE * SIDE)  # the canvas: grey levels of the pixels read so far, 0 elsewhere
         for t in range(1, self.glimpses + 1):
             # detach: the policy reads the state but does not backpropagate into it (see the module notes)
@@ -439,7 +443,8 @@ def gain_calibration(model: GlimpseNet, images: torch.Tensor, labels, candidates
     (N, 1, 28, 28) with labels (N,) (the validation split: this is a diagnostic for choices).
 
     The glimpses follow the policy; at every step `candidates` random unread pixels are also read
-    counterfactually. A read's drop is the fall in cross-entropy with the label it gives (as in training). One
+    counterfactually. A read's drop is the fall in cross-entropy with the label it gives (the training target
+    of the default gain="cross_entropy", without label smoothing). One
     row per step 1..K: accuracy, the mean estimate and drop of the pixel read (`chosen_estimate`, `chosen_drop`),
     the share of images with ink there (`chosen_ink`), the same means over the random pixels, the correlation of
     estimate and drop over the random pixels (`random_correlation`: how well the policy ranks pixels it does not

@@ -1,7 +1,7 @@
 """A registry of model variants, in the spirit of timm's `register_model`.
 
 Each family file decorates a builder with `@register_model(name, description, **train_defaults)`.
-`train_defaults` override fields of `benchmark.train.TrainConfig` for that model (epochs, lr, ...), so the
+`train_defaults` override fields of `benchmark.config.TrainConfig` for that model (epochs, lr, ...), so the
 configuration a name trains with by default lives next to the architecture it belongs to.
 
 Every model maps a float batch (B, 1, 28, 28) with grey levels scaled to [0, 1] to logits (B, 10). A model
@@ -80,6 +80,6 @@ def parse_model_options(name: str, items: list[str]) -> dict:
             options[key] = text
     try:
         create_model(name, **options)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # ValueError from the builder's own checks; sizes torch cannot make (width=-1)...
         raise ValueError(f"model {name} cannot be built with {' '.join(items)}: {exc}") from None
     return options

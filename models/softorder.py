@@ -103,7 +103,8 @@ class PointEmbedding(nn.Module):
     Row and column first pass through Fourier features sin/cos(pi * 2^k * coordinate), k < `octaves`: a
     plain ReLU MLP on raw coordinates is biased towards smooth functions of position and learns to tell
     nearby places apart only slowly (Tancik et al. 2020, "Fourier features let networks learn high
-    frequency functions"); the finest octave has a period of 2^(1 - octaves) * 13.5 pixels.
+    frequency functions"). Coordinates span [-1, 1] over 27 pixels, so octave k has a period of 2^(1 - k) * 13.5
+    pixels, the finest (k = octaves - 1) 2^(2 - octaves) * 13.5: 3.4 pixels with the default 4 octaves.
     """
 
     def __init__(self, hidden: int, features: int, octaves: int = 4):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -16,13 +17,24 @@ from models import create_model, parameter_count
 from models.cowmask import cow_masks
 
 
-@pytest.mark.parametrize("proportion", [0.1, 0.5, 0.8])
+@pytest.mark.parametrize("proportion", [0.0, 0.1, 0.5, 0.8, 1.0])
 def test_masks_keep_the_requested_proportion(proportion):
     masks = cow_masks(64, 28, proportion, generator=torch.Generator().manual_seed(0))
     assert masks.shape == (64, 1, 28, 28)
     assert set(masks.unique().tolist()) <= {0.0, 1.0}
     kept = masks.mean((1, 2, 3))
-    assert (kept - proportion).abs().max() <= 0.02
+    assert (kept - proportion).abs().max() <= (0.02 if 0 < proportion < 1 else 0.0)  # none or all: exactly
+
+
+@pytest.mark.parametrize("option, message", [("proportion_range=0.5", "expected two numbers"),
+                                             ("proportion_range=(0.9,0.2)", "expected LO <= HI, both in [0.0, 1.0]"),
+                                             ("second_view_elastic=(-1,4)", "both in [0.0, inf]"),
+                                             ("sharpen=0", "sharpen=0: above 0")])
+def test_bad_cowmask_options_are_refused_before_training(option, message):
+    from models.registry import parse_model_options
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_model_options("cowmask", [option, "second_view=True"])
 
 
 def test_per_image_proportions():
@@ -113,7 +125,7 @@ def test_mix_target_follows_the_visible_ink_not_the_pixel_share():
     model = create_model("cowmask", mode="mix", confidence=0.0, rampup_steps=0, consistency_weight=1.0).eval()
     left = torch.zeros(1, 1, 28, 28)
     left[..., :14] = 1.0
-    model.sample_masks = lambda n, device: (left.expand(n, 1, 28, 28), torch.full((n,), 0.5))
+    model.sample_masks = lambda n, device: left.expand(n, 1, 28, 28)
 
     class SureTeacher(torch.nn.Module):  # an untrained teacher answers almost alike for any image
         def forward(self, images):
@@ -182,7 +194,7 @@ def test_readable_counts_only_perturbations_the_teacher_still_reads_as_their_sou
     losses = {}
     for readable in (False, True):
         model = create_model("cowmask", mode=mode, readable=readable, confidence=0.5, rampup_steps=0).eval()
-        model.sample_masks = lambda n, device: (left.expand(n, 1, 28, 28), torch.full((n,), 0.5))
+        model.sample_masks = lambda n, device: left.expand(n, 1, 28, 28)
         model.teacher = HalvesTeacher()
         with torch.no_grad():
             losses[readable] = (model.training_loss(x, y, 0.0, unlabelled), model.training_loss(x, y, 0.0))
@@ -251,7 +263,7 @@ def test_sharpened_targets_are_gated_on_the_teachers_unsharpened_confidence():
         model = create_model("cowmask", mode="erase", rampup_steps=0, confidence=confidence, sharpen=sharpen,
                              width=4).eval()
         model.teacher = UnsureTeacher()
-        model.sample_masks = lambda n, device: (torch.ones(n, 1, 28, 28), torch.ones(n))  # erase nothing
+        model.sample_masks = lambda n, device: torch.ones(n, 1, 28, 28)  # erase nothing
         with torch.no_grad():
             student = F.softmax(model.student(unlabelled), dim=1)
             return model.training_loss(x, y, 0.0, unlabelled), model.training_loss(x, y, 0.0), student
