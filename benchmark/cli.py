@@ -6,14 +6,17 @@ User errors (`BenchError`) end as one line on stderr and exit code 2, never a tr
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from benchmark.cli_common import DataDirOpt, WorkspaceOpt, console, user_errors, workspace_path
+from benchmark.cli_common import (DataDirOpt, WorkspaceOpt, check_name, console, user_errors,
+                                  workspace_path)
 from benchmark.errors import BenchError
 from human_eval.cli import human_app
 
@@ -28,13 +31,11 @@ def data(data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = Work
     from benchmark.data import MNIST_FILES, load_mnist
 
     mnist = load_mnist(data_dir, workspace_path(workspace))
-    counts = {"train-images-idx3-ubyte": len(mnist.train_images), "train-labels-idx1-ubyte": len(mnist.train_labels),
-              "t10k-images-idx3-ubyte": len(mnist.test_images), "t10k-labels-idx1-ubyte": len(mnist.test_labels)}
     table = Table(title=f"MNIST verified in {mnist.source}")
     for col in ("file", "items", "header", "SHA-256"):
         table.add_column(col)
-    for spec in MNIST_FILES.values():
-        table.add_row(spec.stem, f"{counts[spec.stem]:,}", "ok", "matches canonical")
+    for key, spec in MNIST_FILES.items():  # key: the Mnist field holding the file's array
+        table.add_row(spec.stem, f"{len(getattr(mnist, key)):,}", "ok", "matches canonical")
     console.print(table)
     for spec in MNIST_FILES.values():  # sha256sum's format, so users can compare with their own tools
         console.print(f"{mnist.digests[spec.stem]}  {spec.stem}", highlight=False, soft_wrap=True)
@@ -88,6 +89,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
 
     from benchmark.data import load_mnist
     from benchmark.runs import machine_description, save_run, versions
+    from benchmark.config import recipe_changes
     from benchmark.train import pick_device, resolve_config, train_model
     from models.registry import parse_model_options
 
@@ -113,9 +115,9 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     option_tags = "".join(f"-k{value}" if key == "glimpses" else "-" + re.sub(r"[^\w.-]", "", f"{key}{value}")
                           for key, value in options.items())  # glimpses=2 -> -k2, pool=max -> -poolmax
     option_tags += ("-best" if keep_best else "") + ("-all" if all_train else "")
-    run_name = name or (f"{model}{option_tags}-s{seed}" + (f"-l{labels}" if labels else "")
-                        + (f"-from-{teacher}" if teacher else ""))
-    refuse_other_recipe(ws, run_name, cfg)
+    run_name = (check_name(name, "runs") if name else f"{model}{option_tags}-s{seed}"
+                + (f"-l{labels}" if labels else "") + (f"-from-{teacher}" if teacher else ""))
+    refuse_other_recipe(ws, run_name, model, lambda saved: recipe_changes(saved, cfg))
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
     checkpoint = ws / "checkpoints" / f"{run_name}.pt"
     if resume and not checkpoint.exists():
@@ -161,23 +163,20 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
                   f"({100 * meta['test_errors'] / meta['test_size']:.2f}%), {meta['train_seconds']:.0f} s -> {path}")
 
 
-def refuse_other_recipe(ws: Path, run_name: str, cfg) -> None:
-    """Before training: if run `run_name` is already saved with another training config (epochs, learning rate,
-    subset, model options, ...), stop with a user error instead of replacing it an hour later. The default name
-    holds the model options, seed and labels but not the schedule, so `--epochs 30` would otherwise overwrite the
-    15-epoch run. The same config is a re-run and replaces the run, as asked."""
-    import json
-
-    from benchmark.train import recipe_changes
-
+def refuse_other_recipe(ws: Path, run_name: str, model: str, changes: Callable[[dict], list[str]]) -> None:
+    """Before making run `run_name`: if it is already saved as another model, or with a recipe `changes(its saved
+    config)` finds different (["epochs 15 -> 30", ...]), stop with a user error instead of replacing it (for
+    training, an hour later). The default names do not hold everything (the schedule, say), so `--epochs 30`
+    would otherwise overwrite the 15-epoch run. The same model and recipe is a re-run and replaces the run."""
     saved_meta = ws / "runs" / run_name / "meta.json"
     if not saved_meta.is_file():
         return
     try:
-        saved = json.loads(saved_meta.read_text()).get("config", {})
+        saved = json.loads(saved_meta.read_text())
     except ValueError:  # a damaged run: nothing worth keeping, let the new one replace it
         return
-    changed = recipe_changes(saved, cfg)
+    changed = ([f"model {saved.get('model')} -> {model}"] if saved.get("model") != model
+               else changes(saved.get("config", {})))
     if changed:
         raise BenchError(f"run {run_name} is already saved with another recipe ({'; '.join(changed)}): give --name "
                          f"to keep both, or delete {saved_meta.parent} to replace it")
@@ -213,7 +212,8 @@ def errors(run: List[str] = typer.Option(..., "--run", help="Run name(s) in the 
     ws = workspace_path(workspace)
     runs = [load_run(ws, r) for r in run]
     mnist = load_mnist(data_dir, ws)
-    hardset_name = name or ("+".join(run) + ("" if mode == "union" or len(run) == 1 else f"-{mode}"))
+    hardset_name = (check_name(name, "hardsets") if name
+                    else "+".join(run) + ("" if mode == "union" or len(run) == 1 else f"-{mode}"))
     folder, table = write_hardset(ws, hardset_name, runs, mode, mnist.test_images, mnist.test_labels)
     summary = Table(title=f"hard set {hardset_name}: {len(table)} images ({mode} of {len(runs)} run(s))")
     for col in ("run", "test errors", "in hard set wrong"):
@@ -257,11 +257,17 @@ def ensemble(members: Optional[str] = typer.Option(None, help="Model whose runs 
     if not run and not members:
         raise BenchError("name the members: --members MODEL --seeds N, or --run RUN repeated")
     names = list(run) if run else [f"{members}-s{s}" for s in range(seeds)]
+    if len(set(names)) < len(names):
+        raise BenchError(f"--run names a member more than once ({', '.join(names)}); name each run once")
     ws = workspace_path(workspace)
     runs = [load_run(ws, r) for r in names]
+    ensemble_name = (check_name(name, "runs") if name else f"ensemble-{members}-x{seeds}" if not run
+                     else "ensemble-" + "+".join(names))
+    refuse_other_recipe(ws, ensemble_name, "ensemble",
+                        lambda saved: [] if saved.get("members") == names else [f"members {saved.get('members')} -> "
+                                                                                 f"{names}"])
     mnist = load_mnist(data_dir, ws)
     _, val_idx = mnist.validation_split()
-    ensemble_name = name or (f"ensemble-{members}-x{seeds}" if not run else "ensemble-" + "+".join(names))
     meta = build_ensemble(ws, ensemble_name, runs, mnist.test_labels, mnist.train_labels[val_idx])
     spread = meta["member_spread"]
     console.print(f"{ensemble_name}: test errors {meta['test_errors']}/{meta['test_size']}; members "
@@ -313,6 +319,8 @@ def bound(subset: str = typer.Option("all", help="all (train + test, 70,000), tr
     torch_device = pick_device(device)
     ws = workspace_path(workspace)
     folder = out or ws / "bound" / subset
+    if folder.exists() and not folder.is_dir():
+        raise BenchError(f"--out {folder} is a file; give a folder (the bound's files are written into it)")
     summary = run_bound(load_mnist(data_dir, ws), subset, folder, str(torch_device), benchmark)
     console.print(summary_table(summary))
     console.print(f"search (pairs, singles, adaptive): {summary['seconds']:.2f} s with {summary['engine']} "

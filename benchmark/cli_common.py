@@ -4,6 +4,7 @@ decorator that turns a `BenchError` into one line on stderr and exit code 2 (no 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,15 @@ def user_errors(command):
             raise typer.Exit(2)
 
     return wrapper
+
+
+def check_name(name: str, kind: str) -> str:
+    """A name given with --name: it names a folder in <workspace>/<kind> (runs, hardsets), so it must be one
+    path part, not hidden."""
+    if not re.fullmatch(r"\w[\w.+-]*", name):
+        raise BenchError(f"--name {name!r}: use letters, digits and . _ + - only, starting with a letter or digit "
+                         f"(it names the folder <workspace>/{kind}/NAME)")
+    return name
 
 
 def workspace_path(workspace: Optional[Path]) -> Path:

@@ -1,8 +1,8 @@
 """MNIST: find the four IDX files, verify them byte for byte, and expose them as arrays.
 
 Where the files are looked for, in order:
-  1. the `--data-dir` option (must exist),
-  2. the `BENCH_DATA_DIR` environment variable (must exist),
+  1. the `--data-dir` option (must exist and hold the files: a mistyped folder is an error, not a fall-back),
+  2. the `BENCH_DATA_DIR` environment variable (the same),
   3. the workspace cache `<workspace>/data/mnist` (and torchvision's `MNIST/raw` below it),
 and if none of them holds any MNIST file, torchvision downloads the set into the workspace cache.
 The first place holding at least one of the files is the one used; every file must then be there
@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def read_idx(path: Path, spec: IdxSpec) -> tuple[np.ndarray, str]:
     """
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a damaged stream, zlib.error
         raise BenchError(f"{path}: cannot be read or decompressed ({exc}); replace the file") from None
     is_images = spec.magic == IMAGE_MAGIC
     header_len = 16 if is_images else 8
@@ -133,11 +134,12 @@ def candidate_dirs(data_dir: Path | None, workspace: Path) -> list[tuple[Path, b
 def locate_mnist(data_dir: Path | None, workspace: Path) -> Path:
     """The folder holding the MNIST files (see the module docstring for the order); downloads if needed."""
     for folder, explicit in candidate_dirs(data_dir, workspace):
-        if explicit and not folder.is_dir():
-            raise BenchError(f"data folder {folder} does not exist; point --data-dir or BENCH_DATA_DIR at "
-                             f"the folder holding the four MNIST IDX files")
         if any(find_idx_file(folder, spec.stem) for spec in MNIST_FILES.values()):
             return folder
+        if explicit:  # a mistyped folder should not silently fall back to the cache or a download
+            problem = "holds none of the MNIST IDX files" if folder.is_dir() else "does not exist"
+            raise BenchError(f"data folder {folder} {problem}; point --data-dir or BENCH_DATA_DIR at the folder "
+                             f"holding the four MNIST IDX files")
     return download_mnist(workspace / "data" / "mnist")
 
 

@@ -137,6 +137,11 @@ def load_model(run: Run):
 
     if not (run.path / "model.pt").is_file():
         raise BenchError(f"run {run.name!r} has no model.pt (it may be an ensemble of other runs)")
-    model = create_model(run.meta["model"], **run.meta["config"].get("model_kwargs", {}))
-    model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
+    try:
+        model = create_model(run.meta["model"], **run.meta["config"].get("model_kwargs", {}))
+        model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # renamed model or option, other shapes
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise BenchError(f"run {run.name!r} cannot be rebuilt with the current code ({type(exc).__name__}: "
+                         f"{reason}); train it again") from None
     return model.eval()

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,56 +23,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from benchmark.config import TrainConfig, recipe_changes
 from benchmark.data import Mnist
 from benchmark.errors import BenchError
 from models import create_model, get_entry, parameter_count
 from models.cowmask import smooth_noise
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.1  # peak learning rate for the one-cycle schedule
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # onecycle | constant
-    label_smoothing: float = 0.0
-    augment: bool = False  # random affine per image: rotation, scale, shear, shift
-    max_rotation: float = 12.0  # degrees
-    max_scale: float = 0.1  # scale factor drawn from [1 - s, 1 + s]
-    max_shear: float = 0.1
-    max_shift: float = 2.5  # pixels
-    elastic: float = 0.0  # elastic distortion strength alpha in pixels (Simard et al. 2003); 0 = affine only
-    elastic_sigma: float = 4.0  # smoothing scale of the elastic displacement field, pixels
-    labels: int | None = None  # train on this many labelled images only (class-balanced, seeded)
-    teacher: str | None = None  # run whose probabilities on the other fit images are their targets (distillation)
-    keep_best: bool = False  # end with the weights of the epoch with the fewest validation errors (latest on ties)
-    all_train: bool = False  # fit on all 60,000 training images, the validation images too (nothing to select on)
-    train_subset: int | None = None  # first N fit (and unlabelled) images: tests and smoke runs
-    model_kwargs: dict = field(default_factory=dict)
-
-
 def resolve_config(model: str, **overrides) -> TrainConfig:
-    """Defaults of TrainConfig, then the model's registered defaults, then non-None `overrides`."""
+    """Defaults of TrainConfig, then the model's registered defaults, then non-None `overrides`; BenchError for an
+    unknown option or a count or learning rate that is not positive."""
     known = {f.name for f in fields(TrainConfig)}
     merged = {**get_entry(model).train_defaults, **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(merged) - known
     if unknown:
         raise BenchError(f"unknown training option(s) {sorted(unknown)} for model {model}")
-    return TrainConfig(**merged)
-
-
-def recipe_changes(saved: dict, config: TrainConfig) -> list[str]:
-    """What differs between a saved config (as in meta.json) and `config`: ["epochs 15 -> 30", ...]. Keys added
-    to TrainConfig since the config was saved count as their defaults."""
-    def as_saved(config: dict) -> dict:  # tuples become lists, as in meta.json
-        return json.loads(json.dumps(config, default=str))
-
-    saved, now, defaults = as_saved(saved), as_saved(asdict(config)), as_saved(asdict(TrainConfig()))
-    return [f"{key} {saved.get(key, defaults[key])} -> {now[key]}" for key in now
-            if saved.get(key, defaults[key]) != now[key]]
+    cfg = TrainConfig(**merged)
+    for option, value in [("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--lr", cfg.lr),
+                          ("--train-subset", cfg.train_subset or 1)]:
+        if not value > 0:
+            raise BenchError(f"{option} {value}: expected a positive number")
+    return cfg
 
 
 def pick_device(device: str) -> torch.device:
@@ -93,8 +64,10 @@ def to_float(images: np.ndarray) -> torch.Tensor:
 
 def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Indices of `n` images, n // 10 per class (the remainder to the lowest classes), drawn with `seed`."""
-    if not 10 <= n <= len(labels):
-        raise BenchError(f"--labels {n}: expected between 10 and {len(labels)}")
+    rarest = np.bincount(labels, minlength=10).min()  # a balanced set takes about n / 10 of every digit
+    if not 10 <= n <= 10 * rarest:
+        raise BenchError(f"--labels {n}: expected between 10 and {10 * rarest} (the rarest digit has {rarest} fit "
+                         f"images)")
     rng = np.random.default_rng(seed)
     picked = []
     for digit in range(10):
@@ -210,7 +183,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps: int):
 @dataclass
 class TrainResult:
     model: nn.Module
-    config: TrainConfig
     history: list[dict]  # one row per epoch: epoch, loss, val_errors (None with all_train), seconds
     val_indices: np.ndarray  # (5000,), or empty with all_train
     val_probs: np.ndarray | None  # (5000, 10), None with all_train
@@ -308,25 +280,29 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
         except Exception as exc:  # a truncated or foreign file: say so, and leave it for the user to look at
             raise BenchError(f"{checkpoint} is not a readable checkpoint ({type(exc).__name__}): delete it to start "
                              f"over") from None
-        done = f"{checkpoint} holds epoch {saved['history'][-1]['epoch']} of {saved['model']} seed {saved['seed']}"
-        if not resume:
-            raise BenchError(f"{done}: add --resume to continue it, or delete the file to start over")
-        changes = recipe_changes(json.loads(saved["config"]), cfg)
-        if saved["model"] != name or saved["seed"] != seed or changes:
-            raise BenchError(f"{done}, trained with another recipe ({'; '.join(changes) or 'model or seed'}): "
-                             f"give the same options, or delete the file to start over")
-        model.load_state_dict(saved["weights"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["schedule"])
-        gen.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        labelled_batches.load_state_dict(saved["labelled_batches"])
-        if semi_supervised:
-            unlabelled_batches.load_state_dict(saved["unlabelled_batches"])
-        if hasattr(model, "steps_taken"):  # schedules inside the model (exploration, ramp-ups) count steps
-            model.steps_taken = saved["steps_taken"]
-        history, kept_epoch, kept_state = saved["history"], saved["kept_epoch"], saved["kept_weights"]
-        seconds_before, resumed_after = history[-1]["seconds"], saved["resumed_after"] + [len(saved["history"])]
+        try:
+            done = f"{checkpoint} holds epoch {saved['history'][-1]['epoch']} of {saved['model']} seed {saved['seed']}"
+            if not resume:
+                raise BenchError(f"{done}: add --resume to continue it, or delete the file to start over")
+            changes = recipe_changes(json.loads(saved["config"]), cfg)
+            if saved["model"] != name or saved["seed"] != seed or changes:
+                raise BenchError(f"{done}, trained with another recipe ({'; '.join(changes) or 'model or seed'}): "
+                                 f"give the same options, or delete the file to start over")
+            model.load_state_dict(saved["weights"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["schedule"])
+            gen.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+            labelled_batches.load_state_dict(saved["labelled_batches"])
+            if semi_supervised:
+                unlabelled_batches.load_state_dict(saved["unlabelled_batches"])
+            if hasattr(model, "steps_taken"):  # schedules inside the model (exploration, ramp-ups) count steps
+                model.steps_taken = saved["steps_taken"]
+            history, kept_epoch, kept_state = saved["history"], saved["kept_epoch"], saved["kept_weights"]
+            seconds_before, resumed_after = history[-1]["seconds"], saved["resumed_after"] + [len(saved["history"])]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # made by another version of the code
+            raise BenchError(f"{checkpoint} cannot be resumed by this version of bench ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:200]}): delete it to start over") from None
     start = time.perf_counter() - seconds_before
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not show_progress)
@@ -383,5 +359,5 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
         model.load_state_dict(kept_state)
     val_probs = predict_probs(model, x_val, device) if held_out else None
     test_probs = predict_probs(model, to_float(data.test_images), device)
-    return TrainResult(model.to("cpu", memory_format=torch.contiguous_format), cfg, history, val_idx,
+    return TrainResult(model.to("cpu", memory_format=torch.contiguous_format), history, val_idx,
                        val_probs, test_probs, seconds, parameter_count(model), kept_epoch, resumed_after)

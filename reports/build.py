@@ -10,9 +10,10 @@ exist yet is listed as "not run yet" with the command that produces it:
   5. Generator assist   fixed / introduced / net per classifier and the net gain over the tau sweep
   6. Pixel bounds       the bounds per subset, held-out figures, heatmaps, glimpse accuracy per step
 
-Written into `out` (default `<workspace>/report/`):
+Written into `out` (default `<workspace>/report/`), which is replaced as a whole once the new report is complete:
   report.html        inline CSS, images as base64 data URIs; no script, font or any other external resource
-  report.md          the same text and tables; figures linked from figures/, galleries reduced to flagged rows
+  report.md          the same text and tables; figures linked from figures/, galleries reduced to their flagged
+                     rows once there are human answers (until then, every row)
   <table>.csv        the numbers behind every table and figure (raw values, not the rounded display)
   figures/<name>.png the figures, for report.md
 Every string from the workspace (run, hard-set and annotator names, reasons) is escaped: html.escape in the
@@ -35,6 +36,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
+from benchmark.errors import BenchError
+from benchmark.runs import replace_folder_atomically
 from reports import figures
 from reports.collect import (HardSet, Workspace, assist_tables, bounds_table, collect, flat_numbers,
                              needs_test_labels, runs_table, seed_groups)
@@ -468,9 +471,14 @@ def build_report(workspace: Path, out: Path | None = None, data_dir: Path | None
 
     test_labels (10000,): the MNIST test labels; loaded with `load_mnist(data_dir, workspace)` when not
     given and the workspace holds something to score (tests pass fabricated ones).
+    The report replaces an earlier one in `out` as a whole, once it is complete (no stale tables from runs
+    since deleted); `out` must be new, empty or such an earlier report, so nothing else is ever deleted.
     """
     workspace = Path(workspace)
     out = Path(out) if out is not None else workspace / "report"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.html").is_file())):
+        what = "a folder with other files in it" if out.is_dir() else "a file"
+        raise BenchError(f"--out {out} is {what}; give a new or empty folder, or the folder of an earlier report")
     if test_labels is None and needs_test_labels(workspace):
         from benchmark.data import load_mnist
 
@@ -481,16 +489,18 @@ def build_report(workspace: Path, out: Path | None = None, data_dir: Path | None
                 assist_section(ws), bounds_section(ws)]
 
     stems = file_stems(sections)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    for block in (b for s in sections for b in s.blocks):
-        if isinstance(block, Picture):
-            (out / "figures" / f"{stems[id(block)]}.png").write_bytes(block.png)
-        data = block.frame if isinstance(block, Table) else getattr(block, "data", None)
-        if data is not None:
-            data.drop(columns=image_columns(data)).to_csv(out / f"{stems[id(block)]}.csv", index=False)
     title = "digit-bench report"
     subtitle = f"Workspace {workspace.resolve()}, written {time.strftime('%Y-%m-%d %H:%M')}."
-    (out / "report.md").write_text(render_markdown(title, subtitle, ws.problems, sections, stems))
-    html_path = out / "report.html"
-    html_path.write_text(render_html(title, subtitle, ws.problems, sections))
-    return html_path
+
+    def write(folder: Path) -> None:
+        (folder / "figures").mkdir()
+        for block in (b for s in sections for b in s.blocks):
+            if isinstance(block, Picture):
+                (folder / "figures" / f"{stems[id(block)]}.png").write_bytes(block.png)
+            data = block.frame if isinstance(block, Table) else getattr(block, "data", None)
+            if data is not None:
+                data.drop(columns=image_columns(data)).to_csv(folder / f"{stems[id(block)]}.csv", index=False)
+        (folder / "report.md").write_text(render_markdown(title, subtitle, ws.problems, sections, stems))
+        (folder / "report.html").write_text(render_html(title, subtitle, ws.problems, sections))
+
+    return replace_folder_atomically(out, write) / "report.html"

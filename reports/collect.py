@@ -16,12 +16,14 @@ on trust from meta.json); the labels are passed in, so tests can fabricate them.
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from benchmark.config import saved_config
 from benchmark.errors import BenchError
 from benchmark.hardset import load_hardset
 from benchmark.runs import Run, load_run, run_names
@@ -100,7 +102,10 @@ def collect(root: Path, test_labels: np.ndarray | None) -> Workspace:
         ws.hardsets.append(HardSet(folder.name, items, images, meta))
 
     if (root / ANSWERS_DB).is_file():
-        ws.answers = load_answers(root / ANSWERS_DB)
+        try:
+            ws.answers = load_answers(root / ANSWERS_DB)
+        except (sqlite3.Error, pd.errors.DatabaseError) as exc:
+            ws.problems.append(f"{ANSWERS_DB}: not a readable annotation store ({exc}); human answers skipped")
 
     for path in sorted((root / "assist").glob("*/assist.json")):
         if (result := read_json(path, ws.problems)) is not None:
@@ -119,12 +124,16 @@ def runs_table(ws: Workspace) -> pd.DataFrame:
     """One row per run: identity, size, cost and errors (test errors recounted from the probabilities).
 
     `group` names runs that differ only in their seed (same model, same config): "<model>" when the model
-    has one configuration in the workspace, else "<model> (key=value, ...)" with the keys that differ.
+    has one configuration in the workspace, else "<model> (key=value, ...)" with the keys that differ. A run
+    saved before a training option existed has that option's default.
     """
     rows = []
     for run in ws.runs:
         meta = run.meta
-        config = {k: v for k, v in (meta.get("config") or {}).items() if k != "seed"}
+        config = meta.get("config") or {}
+        if "history" in meta:  # trained by `bench train`: options added since count as their defaults
+            config = saved_config(config)
+        config = {k: v for k, v in config.items() if k != "seed"}
         rows.append({
             "run": run.name, "model": meta.get("model", "?"), "seed": meta.get("seed"),
             "config_key": json.dumps(config, sort_keys=True, default=str), "config": config,

@@ -18,6 +18,11 @@ DPI = 110
 COLUMNS_PER_ROW = 3
 
 
+def literal(name: str) -> str:
+    """A run, group or annotator name as matplotlib text: a pair of "$" in it would be read as mathematics."""
+    return name.replace("$", r"\$")
+
+
 def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
@@ -41,7 +46,7 @@ def confusion_grid(matrices: dict[str, np.ndarray], column_labels: list[str], ti
     rows = math.ceil(len(matrices) / COLUMNS_PER_ROW)
     cols = min(len(matrices), COLUMNS_PER_ROW)
     fig = Figure(figsize=(3.6 * cols, 3.7 * rows + 0.4))
-    fig.suptitle(title)
+    fig.suptitle(literal(title))
     for position, (name, matrix) in enumerate(matrices.items(), start=1):
         ax = fig.add_subplot(rows, cols, position)
         off_diagonal = matrix.astype(float)
@@ -54,7 +59,7 @@ def confusion_grid(matrices: dict[str, np.ndarray], column_labels: list[str], ti
                 dark = label != column and count > 0.6 * scale
                 ax.text(column, label, str(count), ha="center", va="center", fontsize=6.5,
                         color="white" if dark else "black")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(literal(name), fontsize=9)
         ax.set_xticks(range(len(column_labels)), column_labels, fontsize=7)
         ax.set_yticks(range(10), [str(d) for d in range(10)], fontsize=7)
         ax.set_xlabel("answer", fontsize=8)
@@ -73,7 +78,7 @@ def errors_by_group(runs: pd.DataFrame) -> bytes:
         spread = errors.std(ddof=1) if len(errors) > 1 else 0.0
         ax.bar(x, errors.mean(), yerr=spread, color="#9ecae1", edgecolor="#3182bd", capsize=4, width=0.6)
         ax.plot(np.full(len(errors), x), errors, "o", color="#08519c", markersize=4)
-    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(groups)), [literal(g) for g in groups], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test errors (of 10,000)")
     ax.set_title("Test errors per model: mean ± std over seeds, dots are runs", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -86,7 +91,7 @@ def net_gain_over_tau(sweep: pd.DataFrame) -> bytes:
     ax = fig.add_subplot()
     for run, points in sweep.groupby("run", sort=True):
         points = points.sort_values("tau")
-        ax.plot(points["tau"], points["net_gain"], "o-", markersize=3, label=run)
+        ax.plot(points["tau"], points["net_gain"], "o-", markersize=3, label=literal(run))
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("tau (consult the generator below this confidence)")
     ax.set_ylabel("net gain (errors fixed − introduced)")
@@ -105,7 +110,7 @@ def accuracy_per_step(curves: pd.DataFrame, bounds: pd.DataFrame) -> bytes:
     fig = Figure(figsize=(6.5, 3.8))
     ax = fig.add_subplot()
     for run, curve in curves.groupby("run", sort=True):
-        ax.plot(curve["step"], curve["accuracy"], "o-", markersize=3, label=run)
+        ax.plot(curve["step"], curve["accuracy"], "o-", markersize=3, label=literal(run))
     for (_, bound), colour in zip(bounds.iterrows(), ["#d95f02", "#7570b3", "#e7298a", "#66a61e"]):
         ax.axhline(bound["single_accuracy"], color=colour, linestyle=":",
                    label=f"best single pixel ({bound['subset']})")

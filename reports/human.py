@@ -126,6 +126,14 @@ def control_accuracy(answers: pd.DataFrame, test_labels: np.ndarray) -> pd.DataF
     return table.assign(accuracy=table["correct"] / table["controls"]).reset_index()
 
 
+def answer_grids(final: pd.DataFrame):
+    """Per hard set (sorted by name), its final answers coded as in `coded`, in a (test index x annotator) table:
+    yields (hard set, table), NaN where an annotator gave no answer."""
+    for hardset, on_set in final.groupby("hardset", sort=True):
+        yield hardset, on_set.assign(code=coded(on_set["answer"])).pivot(index="test_index", columns="annotator",
+                                                                         values="code")
+
+
 def pairwise_kappa(final: pd.DataFrame) -> pd.DataFrame:
     """Cohen's kappa per hard set and pair of annotators on the images both answered (final answers).
 
@@ -133,8 +141,7 @@ def pairwise_kappa(final: pd.DataFrame) -> pd.DataFrame:
     cohen_kappa (NaN when undefined: both used one and the same category throughout).
     """
     rows = []
-    for hardset, on_set in final.groupby("hardset", sort=True):
-        wide = on_set.assign(code=coded(on_set["answer"])).pivot(index="test_index", columns="annotator", values="code")
+    for hardset, wide in answer_grids(final):
         for a, b in itertools.combinations(sorted(wide.columns), 2):
             pair = wide[[a, b]].dropna().astype(int)
             with warnings.catch_warnings():
@@ -172,8 +179,7 @@ def fleiss_table(final: pd.DataFrame) -> pd.DataFrame:
     Columns: hardset, annotators, images, fleiss_kappa (NaN with fewer than two annotators).
     """
     rows = []
-    for hardset, on_set in final.groupby("hardset", sort=True):
-        wide = on_set.assign(code=coded(on_set["answer"])).pivot(index="test_index", columns="annotator", values="code")
+    for hardset, wide in answer_grids(final):
         complete = wide.dropna().astype(int)
         counts = np.stack([(complete.to_numpy() == c).sum(1) for c in CATEGORIES], axis=1)  # (images, 11)
         rows.append({"hardset": hardset, "annotators": wide.shape[1], "images": len(complete),

@@ -188,8 +188,11 @@ def test_cli_writes_summary_matching_the_search(mnist, mnist_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [(["--subset", "foo"], "--subset foo"),
-                                           (["--device", "tpu"], "--device tpu")])
+                                           (["--device", "tpu"], "--device tpu"),
+                                           (["--out", "a-file"], "a-file is a file; give a folder")])
 def test_bad_options_give_one_line_error(tmp_path, args, message):
+    (tmp_path / "a-file").write_text("not a folder")
+    args = [str(tmp_path / a) if a == "a-file" else a for a in args]
     result = CliRunner().invoke(app, ["bound", *args, "--workspace", str(tmp_path)])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()

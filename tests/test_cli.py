@@ -102,20 +102,27 @@ def test_model_options_are_checked_against_the_builder(tmp_path):
     result = CliRunner().invoke(app, ["train", "--model", "cowmask", "--set", "mode=blend", "--workspace", str(tmp_path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "cannot be built with mode=blend: mode 'blend': expected mix or erase" in result.output
+    # sizes torch cannot make and values that would only fail mid-training are refused up front too
+    for model, option in [("mixer", "patch=0"), ("cnn", "width=-1"), ("glimpse", "explore_steps=0")]:
+        extra = ["--set", "explore=1.0"] if model == "glimpse" else []
+        result = CliRunner().invoke(app, ["train", "--model", model, "--set", option, *extra,
+                                          "--workspace", str(tmp_path)])
+        assert result.exit_code == 2 and f"model {model} cannot be built with {option}" in result.output
     assert not (tmp_path / "runs").exists()
 
 
 def test_model_option_reaches_the_model_and_names_the_run(tmp_path, mnist_dir):
-    result = CliRunner().invoke(app, ["train", "--model", "softorder", "--set", "pool=max", "--epochs", "1",
+    # the mlp: its evaluation on 15,000 images takes a second (a softorder's, a minute)
+    result = CliRunner().invoke(app, ["train", "--model", "mlp", "--set", "hidden=20", "--epochs", "1",
                                       "--train-subset", "256", "--data-dir", str(mnist_dir),
                                       "--workspace", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    meta = json.loads((tmp_path / "runs" / "softorder-poolmax-s0" / "meta.json").read_text())
-    assert meta["config"]["model_kwargs"] == {"pool": "max"}
+    meta = json.loads((tmp_path / "runs" / "mlp-hidden20-s0" / "meta.json").read_text())
+    assert meta["config"]["model_kwargs"] == {"hidden": 20}
     from benchmark.runs import load_model, load_run
 
-    model = load_model(load_run(tmp_path, "softorder-poolmax-s0"))
-    assert model.pool is None  # the PointNet max, not the histogram
+    model = load_model(load_run(tmp_path, "mlp-hidden20-s0"))
+    assert model.hidden.out_features == 20
 
 
 def test_a_saved_run_is_not_replaced_by_another_recipe(tmp_path, mnist_dir):

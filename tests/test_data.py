@@ -54,6 +54,15 @@ def test_truncated_gzip_stream_is_reported(tmp_path, tiny_images):
         read_idx(path, spec_for(tiny_images))
 
 
+def test_damaged_gzip_body_is_reported(tmp_path, tiny_images):
+    path = write_idx(tmp_path / "tiny.gz", tiny_images)
+    damaged = bytearray(path.read_bytes())
+    damaged[12:40] = bytes(b ^ 0xFF for b in damaged[12:40])  # the deflate stream, past the 10-byte header
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(BenchError, match="cannot be read or decompressed"):  # zlib.error, not an OSError
+        read_idx(path, spec_for(tiny_images))
+
+
 def test_wrong_magic(tmp_path, tiny_images):
     labels = np.zeros(5, dtype=np.uint8)
     path = write_idx(tmp_path / "tiny.gz", labels)  # a label file where images are expected
@@ -76,9 +85,18 @@ def test_wrong_digest(tmp_path, tiny_images):
         read_idx(path, spec_for(tiny_images, good))
 
 
-def test_explicit_missing_folder_is_an_error(tmp_path):
+def test_explicit_missing_or_empty_folder_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(BenchError, match="does not exist"):
         locate_mnist(tmp_path / "nowhere", tmp_path / "ws")
+    (tmp_path / "empty").mkdir()
+    cache = tmp_path / "ws" / "data" / "mnist"  # a cached copy is not used instead of the folder asked for
+    cache.mkdir(parents=True)
+    write_idx(cache / "t10k-labels-idx1-ubyte.gz", np.zeros(3, dtype=np.uint8))
+    with pytest.raises(BenchError, match="empty holds none of the MNIST IDX files"):
+        locate_mnist(tmp_path / "empty", tmp_path / "ws")
+    monkeypatch.setenv("BENCH_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(BenchError, match="empty holds none of the MNIST IDX files"):
+        locate_mnist(None, tmp_path / "ws")
 
 
 def test_incomplete_folder_names_the_missing_file(tmp_path, monkeypatch):

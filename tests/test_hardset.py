@@ -101,3 +101,27 @@ def test_ensemble_averages_and_can_fix_errors(tmp_path, fabricate_run):
     assert meta["test_errors"] == int((expected.argmax(1) != labels).sum()) == 1  # only 2 is wrong twice
     assert meta["member_test_errors"] == {"a": 2, "b": 2, "c": 1}
     assert meta["member_spread"]["mean"] == pytest.approx(5 / 3)
+
+
+def test_ensemble_command_never_replaces_another_run_and_counts_each_member_once(tmp_path, fabricate_run, mnist):
+    labels = mnist.test_labels
+    fabricate_run(tmp_path, "m-s0", labels, [1, 2])
+    fabricate_run(tmp_path, "m-s1", labels, [2, 3], seed=1)
+
+    def ensemble(*args):
+        result = CliRunner().invoke(app, ["ensemble", *args, "--workspace", str(tmp_path)])
+        return result.exit_code, " ".join(result.output.split())
+
+    assert ensemble("--members", "m", "--seeds", "2")[0] == 0
+    assert load_run(tmp_path, "ensemble-m-x2").meta["members"] == ["m-s0", "m-s1"]
+    assert ensemble("--members", "m", "--seeds", "2")[0] == 0  # the same ensemble again: a re-run
+    code, output = ensemble("--run", "m-s0", "--run", "m-s0")
+    assert code == 2 and "names a member more than once" in output
+    code, output = ensemble("--run", "m-s0", "--run", "m-s1", "--name", "m-s0")
+    assert code == 2 and "already saved with another recipe (model mlp -> ensemble)" in output
+    assert load_run(tmp_path, "m-s0").meta["model"] == "mlp"  # the trained run is untouched
+    code, output = ensemble("--run", "m-s1", "--name", "ensemble-m-x2")
+    assert code == 2 and "members ['m-s0', 'm-s1'] -> ['m-s1']" in output
+    code, output = ensemble("--run", "m-s0", "--run", "m-s1", "--name", "../elsewhere")
+    assert code == 2 and "--name '../elsewhere': use letters, digits" in output
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ensemble-m-x2", "m-s0", "m-s1"]

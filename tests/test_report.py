@@ -30,7 +30,7 @@ from reports.human import fleiss_kappa
 
 EVIL = "<script>alert('x')</script>"
 HARDSET = "hs<b>"  # a hard-set name with markup in it: escaped in the page, sanitised in file names
-ANNOTATORS = ["alice", f"{EVIL}bob", "carol"]
+ANNOTATORS = ["alice", f"{EVIL}$x^$bob", "carol"]  # $..$ would be mathtext (an error) in a figure
 N_TEST = 10000
 
 # name: (model, seed, config, number of test errors, validation errors). cnn-s0 is best on validation,
@@ -157,6 +157,27 @@ def test_models_table_and_seed_groups(fabricated):
     assert groups.loc["cnn", "runs"] == 1
 
 
+def test_runs_saved_before_a_training_option_existed_group_with_runs_at_its_default(tmp_path):
+    """A run trained before `all_train` existed has no such key in meta.json: it is the same recipe as a newer
+    run with all_train false, and a different one from a newer run with all_train true."""
+    from dataclasses import asdict
+
+    from benchmark.config import TrainConfig
+    from reports.collect import collect, runs_table
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, N_TEST)
+    old = {k: v for k, v in asdict(TrainConfig(epochs=2)).items() if k != "all_train"}
+    configs = {"cnn-s0": old, "cnn-s1": asdict(TrainConfig(epochs=2)), "cnn-all-s0": asdict(TrainConfig(epochs=2,
+                                                                                                     all_train=True))}
+    for seed, (name, config) in enumerate(configs.items()):
+        meta = {"name": name, "model": "cnn", "seed": seed, "config": config, "history": [{"epoch": 1}]}
+        save_run(tmp_path, name, meta, probabilities(labels, rng.choice(N_TEST, 5 + seed, replace=False), rng))
+    groups = runs_table(collect(tmp_path, labels)).set_index("run")["group"]
+    assert groups["cnn-s0"] == groups["cnn-s1"] == "cnn (all_train=False)"
+    assert groups["cnn-all-s0"] == "cnn (all_train=True)"
+
+
 def test_confusion_matrix_counts(fabricated):
     ws, labels, wrong, *_ = fabricated
     confusion = pd.read_csv(ws / "report" / "confusion_test.csv")
@@ -271,7 +292,7 @@ def test_workspace_strings_are_escaped(fabricated):
     page = html_path.read_text()
     markdown = (ws / "report" / "report.md").read_text()
     assert "<script" not in page.lower() and "<b>" not in page
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;bob" in page  # annotator name, as text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;$x^$bob" in page  # annotator name, as text
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; looks odd" in page  # reason
     assert "hs&lt;b&gt;" in page  # hard-set name
     assert "<script" not in markdown.lower() and "<b>" not in markdown
@@ -319,15 +340,33 @@ def test_partial_workspace_reports_what_exists(tmp_path):
     assert pd.read_csv(ws / "report" / "assist.csv")["run"].tolist() == ["bare"]
 
 
+def test_the_report_replaces_an_earlier_one_whole_and_never_a_foreign_folder(fabricated, tmp_path):
+    ws, labels, *_ = fabricated
+    out = tmp_path / "report"
+    out.mkdir()
+    build_report(ws, out, test_labels=labels)
+    (out / "stale.csv").write_text("from a run since deleted")
+    build_report(ws, out, test_labels=labels)
+    assert not (out / "stale.csv").exists() and (out / "report.html").is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    for target, what in ((tmp_path / "mine", "a folder with other files in it"), (out / "report.md", "a file")):
+        result = CliRunner().invoke(app, ["report", "--workspace", str(ws), "--out", str(target)])
+        assert result.exit_code == 2 and what in " ".join(result.output.split()), result.output
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
 def test_damaged_artefacts_are_skipped_not_fatal(tmp_path):
     ws = tmp_path / "ws"
     (ws / "bound" / "all").mkdir(parents=True)
     (ws / "bound" / "all" / "summary.json").write_text("{not json")
     (ws / "runs" / "broken").mkdir(parents=True)
     (ws / "runs" / "broken" / "meta.json").write_text("{}")  # no test_probs.npy
+    (ws / "human").mkdir()
+    (ws / "human" / "annotations.sqlite").write_bytes(b"not a database " * 100)
     page = build_report(ws, test_labels=np.zeros(N_TEST, dtype=np.int64)).read_text()
-    assert page.count('class="problem"') == 2
-    assert "broken" in page and "summary.json" in page
+    assert page.count('class="problem"') == 3
+    assert "broken" in page and "summary.json" in page and "annotations.sqlite: not a readable annotation" in page
 
 
 def chromium_binary() -> str | None:

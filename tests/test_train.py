@@ -24,6 +24,9 @@ def test_config_layers_defaults_model_and_overrides():
     assert resolve_config("mlp").schedule == "constant"
     with pytest.raises(KeyError, match="unknown model 'nope'"):
         resolve_config("nope")
+    for option, value in [("epochs", 0), ("batch_size", 0), ("lr", -1.0), ("train_subset", -5)]:
+        with pytest.raises(BenchError, match=f"--{option.replace('_', '-')} {value}: expected a positive number"):
+            resolve_config("cnn", **{option: value})
 
 
 def test_pick_device():
@@ -44,6 +47,9 @@ def test_balanced_subset_has_equal_classes_and_is_seeded():
     np.testing.assert_array_equal(picked, balanced_subset(labels, 100, seed=1))
     assert not np.array_equal(picked, balanced_subset(labels, 100, seed=2))
     assert np.bincount(labels[balanced_subset(labels, 23, 0)], minlength=10).tolist() == [3, 3, 3] + [2] * 7
+    assert len(balanced_subset(labels, 500, 0)) == 500
+    with pytest.raises(BenchError, match="between 10 and 400 .the rarest digit has 40"):
+        balanced_subset(labels[10:], 410, 0)  # 40 zeros left: 41 of each digit cannot be drawn
 
 
 def test_random_distortion_identity_and_shift():
@@ -118,9 +124,14 @@ def test_run_folder_round_trip(smoke, tmp_path):
     model = load_model(run)
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(model(x), result.model.eval()(x))
+    # a run the current code cannot rebuild (another architecture, an option since removed) is a user error
+    for config in ({"model_kwargs": {"hidden": 37}}, {"model_kwargs": {"no_such_option": 1}}):
+        save_run(tmp_path, "mlp-old", {**meta, "config": config}, result.test_probs, None, result.model.state_dict())
+        with pytest.raises(BenchError, match="run 'mlp-old' cannot be rebuilt with the current code .*train it again"):
+            load_model(load_run(tmp_path, "mlp-old"))
     # overwriting keeps exactly one complete folder and no staging leftovers
     save_run(tmp_path, "mlp-s3", meta, result.test_probs)
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mlp-s3"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mlp-old", "mlp-s3"]
 
 
 def test_missing_run_lists_what_exists(tmp_path, smoke):
@@ -262,6 +273,12 @@ def test_a_run_stopped_after_an_epoch_resumes_to_the_same_weights(mnist, monkeyp
     damaged.write_bytes(saved[:len(saved) // 2])
     with pytest.raises(BenchError, match="damaged.pt is not a readable checkpoint .*delete it to start over"):
         train_model(model, cfg, mnist, seed=1, device=cpu, show_progress=False, checkpoint=damaged, resume=True)
+    older = torch.load(checkpoint, weights_only=True)  # as an older version of the code would have written it
+    del older["kept_weights"]
+    torch.save(older, tmp_path / "older.pt")
+    with pytest.raises(BenchError, match="older.pt cannot be resumed by this version of bench .KeyError"):
+        train_model(model, cfg, mnist, seed=1, device=cpu, show_progress=False, checkpoint=tmp_path / "older.pt",
+                    resume=True)
 
     resumed = train_model(model, cfg, mnist, seed=1, device=cpu, show_progress=False, checkpoint=checkpoint,
                           resume=True)
