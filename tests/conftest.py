@@ -42,10 +42,12 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    folder = os.environ.get("BENCH_DATA_DIR")
-    if not folder or not Path(folder).is_dir():
-        pytest.skip("BENCH_DATA_DIR is not set to the MNIST folder")
-    return Path(folder)
+    """BENCH_DATA_DIR, else the copy `make demo` downloaded into ./workspace; the real-data tests skip without."""
+    cache = Path("workspace") / "data" / "mnist"
+    for folder in (os.environ.get("BENCH_DATA_DIR"), cache, cache / "MNIST" / "raw"):
+        if folder and Path(folder).is_dir() and any(Path(folder).glob("t10k-labels-idx1-ubyte*")):
+            return Path(folder)
+    pytest.skip("no MNIST files: set BENCH_DATA_DIR to the folder with the four IDX files (or run `make demo`)")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from benchmark.assist import Setting, Split, accounting, assist, candidates, choose_setting, doubtful, setting_grid
 from benchmark.cli import app
-from benchmark.runs import save_run
+from benchmark.runs import load_run, save_run
 from conftest import fabricated_probs
 from models import create_model
 
@@ -152,7 +152,7 @@ def assist_workspace(tmp_path, mnist):
     return tmp_path
 
 
-def test_cli_assist_end_to_end(assist_workspace, mnist_dir):
+def test_cli_assist_end_to_end(assist_workspace, mnist_dir, mnist):
     ws = assist_workspace
     result = CliRunner().invoke(app, ["assist", "--run", "clf", "--generator", "gen", "--steps", "1", "--device", "cpu",
                                       "--workspace", str(ws), "--data-dir", str(mnist_dir)])
@@ -162,17 +162,28 @@ def test_cli_assist_end_to_end(assist_workspace, mnist_dir):
                              "net_gain", "errors_after", "tau_sweep", "generator_alone", "seconds"]
     assert set(summary["chosen"]) == {"tau", "delta", "k", "lambda"}
     assert summary["errors_before"] == 300 and summary["generator_alone"] == {"test_errors": 40, "test_size": 10000}
-    assert summary["errors_after"] == 300 - summary["net_gain"]
     table = pd.read_csv(ws / "assist" / "clf" / "assist.csv")
     assert list(table.columns) == ["test_index", "label", "before", "after", "candidates", "scores"]
-    assert len(table) == summary["consulted"] > 0
+    # the table holds exactly the images doubtful under the chosen setting, and the counts follow from it
+    probs, chosen = load_run(ws, "clf").test_probs, summary["chosen"]
+    consulted = np.flatnonzero(doubtful(probs, chosen["tau"], chosen["delta"]))
+    assert table["test_index"].tolist() == consulted.tolist() and summary["consulted"] == len(consulted) > 0
+    assert (table["before"] == probs[consulted].argmax(1)).all()
+    true = mnist.test_labels[consulted]
+    assert (table["label"] == true).all()
+    assert summary["fixed"] == int(((table["before"] != true) & (table["after"] == true)).sum())
+    assert summary["introduced"] == int(((table["before"] == true) & (table["after"] != true)).sum())
+    assert summary["errors_after"] == 300 - summary["fixed"] + summary["introduced"]
     assert "net gain" in result.output
 
 
 def test_cli_assist_errors_are_one_line(assist_workspace, mnist_dir):
+    refit = load_run(assist_workspace, "clf")  # as an --all-train run: no validation split to choose on
+    save_run(assist_workspace, "clf-all", refit.meta, refit.test_probs)
     for args, message in ((["--run", "clf"], "run 'generator-s0' not found"),
                           (["--run", "clf", "--generator", "clf"], "not a generator"),
-                          (["--run", "nope", "--generator", "gen"], "run 'nope' not found")):
+                          (["--run", "nope", "--generator", "gen"], "run 'nope' not found"),
+                          (["--run", "clf-all", "--generator", "gen"], "has no validation probabilities")):
         result = CliRunner().invoke(app, ["assist", *args, "--workspace", str(assist_workspace),
                                           "--data-dir", str(mnist_dir)])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

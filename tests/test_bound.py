@@ -156,10 +156,13 @@ def test_cli_writes_summary_matching_the_search(mnist, mnist_dir, tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")  # a user's file in --out must survive
     result = CliRunner().invoke(app, ["bound", "--subset", "test", "--out", str(tmp_path / "b"), "--device", "cpu",
-                                      "--data-dir", str(mnist_dir), "--workspace", str(tmp_path / "ws")])
+                                      "--benchmark", "--data-dir", str(mnist_dir), "--workspace", str(tmp_path / "ws")])
     assert result.exit_code == 0, result.output
-    assert "best pair" in result.output
+    assert "best pair" in result.output and "naive bincount" in result.output
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    timing = summary["benchmark"]  # the naive counts on the sampled pairs agreed with the search (else an error)
+    assert timing["naive_agrees_on_sample"] and timing["naive_pairs_timed"] == 400
+    assert timing["speedup"] == pytest.approx(timing["naive_extrapolated_seconds"] / summary["seconds"])
     counts = scan_pairs(mnist.test_images, mnist.test_labels)
     a, b, n = best_pair(counts.pairs)
     assert summary["subset"] == "test" and summary["total"] == 10000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,8 +22,10 @@ BENCH = str(Path(sys.executable).with_name("bench"))
 def test_help_lists_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("data", "models", "train", "errors"):
-        assert command in result.output
+    panel = result.output.split("Commands")[1]
+    listed = {m.group(1) for m in re.finditer(r"^[│|] (\S+) ", panel, re.MULTILINE)}  # first word of each row
+    assert listed == {"data", "models", "train", "errors", "report", "ensemble", "assist", "bound", "tree",
+                      "glimpse-gains", "human-label"}
 
 
 def test_models_lists_baselines_with_parameter_counts():
@@ -203,6 +206,21 @@ def test_glimpse_gains_reads_a_grid_run_and_refuses_other_runs(tmp_path, mnist_d
     too_many = CliRunner().invoke(app, ["glimpse-gains", "--run", "glimpse-policygrid-explore1.0-k3-s0",
                                         "--candidates", "782", *common])
     assert too_many.exit_code == 2 and "expected 1 to 781 (the pixels left unread after 3 glimpses)" in too_many.output
+
+
+def test_distillation_from_a_saved_teacher_run(tmp_path, mnist_dir):
+    def train(*extra):
+        result = CliRunner().invoke(app, ["train", "--model", "mlp", "--labels", "10", "--seed", "3", "--epochs", "1",
+                                          "--train-subset", "100", "--data-dir", str(mnist_dir),
+                                          "--workspace", str(tmp_path), *extra])
+        assert result.exit_code == 0, result.output
+
+    train()
+    train("--teacher", "mlp-s3-l10")
+    student = json.loads((tmp_path / "runs" / "mlp-s3-l10-from-mlp-s3-l10" / "meta.json").read_text())
+    assert student["config"]["teacher"] == "mlp-s3-l10" and student["config"]["labels"] == 10
+    # the student trains on its 10 labelled images plus the 100 (subset) others at the teacher's probabilities
+    assert student["history"][0]["steps"] == -(-110 // student["config"]["batch_size"]) > 1
 
 
 def test_a_teacher_must_have_learnt_from_the_students_labels(tmp_path):

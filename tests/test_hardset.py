@@ -125,3 +125,24 @@ def test_ensemble_command_never_replaces_another_run_and_counts_each_member_once
     code, output = ensemble("--run", "m-s0", "--run", "m-s1", "--name", "../elsewhere")
     assert code == 2 and "--name '../elsewhere': use letters, digits" in output
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ensemble-m-x2", "m-s0", "m-s1"]
+
+
+def test_ensemble_validation_figure_is_the_members_mean_and_only_when_all_have_one(tmp_path):
+    """The report's headline picks the best run by validation errors, ensembles included."""
+    from benchmark.ensemble import build_ensemble
+    from benchmark.runs import save_run
+    from conftest import fabricated_probs
+
+    test_labels, val_labels = np.arange(30) % 10, np.arange(20) % 10
+    for name, val_wrong, seed in (("a", [1, 2], 1), ("b", [2, 3, 4], 2)):
+        save_run(tmp_path, name, {"name": name, "model": "mlp"}, fabricated_probs(test_labels, np.array([5]), seed),
+                 fabricated_probs(val_labels, np.array(val_wrong), seed))
+    save_run(tmp_path, "c", {"name": "c", "model": "mlp"}, fabricated_probs(test_labels, np.array([5])))
+    members = [load_run(tmp_path, n) for n in "ab"]
+    meta = build_ensemble(tmp_path, "ab", members, test_labels, val_labels)
+    expected = np.mean([m.val_probs for m in members], axis=0)
+    np.testing.assert_allclose(load_run(tmp_path, "ab").val_probs, expected, atol=1e-7)
+    assert meta["val_errors"] == int((expected.argmax(1) != val_labels).sum()) >= 1  # 2 is wrong for both
+    assert meta["val_size"] == 20
+    without = build_ensemble(tmp_path, "abc", [*members, load_run(tmp_path, "c")], test_labels, val_labels)
+    assert "val_errors" not in without and load_run(tmp_path, "abc").val_probs is None

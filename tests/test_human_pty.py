@@ -102,3 +102,18 @@ def test_stdin_not_a_terminal_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: standard input is not a terminal")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_sigterm_while_a_reason_is_typed_keeps_the_considered_answer(tmp_path):
+    make_hardset(tmp_path)
+    child = spawn(tmp_path, "bob", "--think")
+    answer(child, "3", "Second look")  # the quick answer, then the second look
+    answer(child, "5", "Why")  # the considered answer's key: its reason is typed next
+    child.send("loop")
+    child.expect("loop_")
+    os.kill(child.pid, signal.SIGTERM)
+    child.expect(pexpect.EOF)
+    child.close()
+    answers = load_answers(default_db_path(tmp_path)).set_index("phase")
+    assert answers.loc["quick", "answer"] == 3
+    assert answers.loc["considered", "answer"] == 5 and answers.loc["considered", "reason"] == "loop"

@@ -94,11 +94,12 @@ def test_final_answer_is_the_latest_uncorrected_one_and_history_is_kept(tmp_path
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-@pytest.mark.parametrize("bad", [{"phase": "slow"}, {"answer": 10}, {"answered_at": None}])
-def test_add_answer_rejects_bad_values(tmp_path, bad):
+@pytest.mark.parametrize("bad, message", [({"phase": "slow"}, "phase 'slow'"), ({"answer": 10}, "answer 10"),
+                                          ({"answered_at": None}, "both required")])
+def test_add_answer_rejects_bad_values(tmp_path, bad, message):
     args = {"hardset": "hs", "test_index": 1, "annotator": "al", "phase": "quick", "answer": 3, "shown_at": 0.0,
             "answered_at": 1.0} | bad
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         AnnotationStore(tmp_path / "a.sqlite").add_answer(**args)
 
 
@@ -124,7 +125,7 @@ def test_order_is_fixed_per_annotator_and_differs_between_annotators(ws):
     others = {tuple(item.test_index for item in start(ws, f"other{i}").items) for i in range(6)}
     assert first == again and sorted(first) == list(100 + 7 * np.arange(5))
     assert len(others | {tuple(first)}) > 1  # six more annotators do not all share one order
-    assert stable_seed("order", "ann", "tiny") == stable_seed("order", "ann", "tiny")
+    assert stable_seed("order", "ann", "tiny") == 6512383970273950378  # not Python's hash(), salted per process
     assert stable_seed("order", "ann", "tiny") != stable_seed("order", "ann", "x")
 
 
@@ -320,6 +321,19 @@ def test_split_keys():
 
 
 # The window UI ------------------------------------------------------------------------------------------------
+
+
+def test_window_ui_without_a_display_is_a_one_line_error(ws, monkeypatch):
+    import matplotlib
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+
+    monkeypatch.setattr(matplotlib, "get_backend", lambda: "agg")  # what matplotlib falls back to with no display
+    result = CliRunner().invoke(app, ["human-label", "--hardset", "tiny", "--annotator", "ann", "--ui", "window",
+                                      "--workspace", str(ws)])
+    assert result.exit_code == 2 and "no window can open (matplotlib backend agg" in result.output
+    assert not (ws / "human").exists()  # refused before any session was started
 
 
 def test_window_ui_with_synthetic_key_events(ws):
