@@ -87,9 +87,9 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
     import time
     from dataclasses import asdict
 
+    from benchmark.config import recipe_changes
     from benchmark.data import load_mnist
     from benchmark.runs import machine_description, save_run, versions
-    from benchmark.config import recipe_changes
     from benchmark.train import pick_device, resolve_config, train_model
     from models.registry import parse_model_options
 

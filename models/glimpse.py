@@ -442,14 +442,14 @@ def gain_calibration(model: GlimpseNet, images: torch.Tensor, labels, candidates
     """How well a grid policy's gain estimates predict what reading a pixel gives, step by step, on images
     (N, 1, 28, 28) with labels (N,) (the validation split: this is a diagnostic for choices).
 
-    The glimpses follow the policy; at every step `candidates` random unread pixels are also read
-    counterfactually. A read's drop is the fall in cross-entropy with the label it gives (the training target
-    of the default gain="cross_entropy", without label smoothing). One
-    row per step 1..K: accuracy, the mean estimate and drop of the pixel read (`chosen_estimate`, `chosen_drop`),
-    the share of images with ink there (`chosen_ink`), the same means over the random pixels, the correlation of
-    estimate and drop over the random pixels (`random_correlation`: how well the policy ranks pixels it does not
-    read), and the share of images for which some random pixel gave a larger drop than the chosen one (`beaten`;
-    with the label's noise in every drop, this is high even for a good policy, but it compares steps).
+    The glimpses follow the policy; at every step `candidates` random unread pixels are also read counterfactually.
+    A read's drop is the fall in cross-entropy with the label it gives (the training target of the default
+    gain="cross_entropy", without label smoothing). One row per step 1..K: accuracy, the mean estimate and drop of
+    the pixel read (`chosen_estimate`, `chosen_drop`), the share of images with ink there (`chosen_ink`), the same
+    means over the random pixels, the correlation of estimate and drop over the random pixels (`random_correlation`:
+    how well the policy ranks pixels it does not read), and the share of images for which some random pixel gave a
+    larger drop than the chosen one (`beaten`; with the label's noise in every drop, this is high even for a good
+    policy, but it compares steps).
     Returns a pandas DataFrame.
     """
     import pandas as pd
