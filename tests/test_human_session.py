@@ -409,11 +409,12 @@ def test_label_studio_round_trip(ws, tmp_path):
     located = {t["data"]["item"]: store.crowd_item(t["data"]["item"]) for t in tasks}
     assert sorted(test_index for _, test_index in located.values()) == list(100 + 7 * np.arange(5))
     assert {hardset for hardset, _ in located.values()} == {"tiny"}
-    assert not any(str(test_index) in t["data"]["image"] for t in tasks for _, test_index in located.values())
+    # the item id is random (not derived from the test index), and it alone names the image
+    assert all(re.fullmatch(r"[0-9a-f]{16}", t["data"]["item"]) for t in tasks)
+    assert all(t["data"]["image"] == f"/data/local-files/?d=images/{t['data']['item']}.png" for t in tasks)
     images = np.load(ws / "hardsets" / "tiny" / "images.npy")
     item = tasks[0]["data"]["item"]
     png = np.asarray(Image.open(out / "images" / f"{item}.png"))
-    assert tasks[0]["data"]["image"] == f"/data/local-files/?d=images/{item}.png"
     assert np.array_equal(png[::8, ::8], images[(located[item][1] - 100) // 7])
     again = json.loads(export_labelstudio(ws, "tiny", tmp_path / "again", 0, None, "")[0].read_text())
     assert {t["data"]["item"] for t in again} == set(located)  # an item keeps its id across exports
