@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.errors import BenchError
+from benchmark.errors import BenchError, first_line
 
 
 def resolve_workspace(workspace: Path | None = None) -> Path:
@@ -141,7 +141,6 @@ def load_model(run: Run):
         model = create_model(run.meta["model"], **run.meta["config"].get("model_kwargs", {}))
         model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # renamed model or option, other shapes
-        reason = str(exc).strip().splitlines()[0][:200]
-        raise BenchError(f"run {run.name!r} cannot be rebuilt with the current code ({type(exc).__name__}: "
-                         f"{reason}); train it again") from None
+        raise BenchError(f"run {run.name!r} cannot be rebuilt with the current code ({first_line(exc)}); train it "
+                         f"again") from None
     return model.eval()

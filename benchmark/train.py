@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from benchmark.config import TrainConfig, recipe_changes
 from benchmark.data import Mnist
-from benchmark.errors import BenchError
+from benchmark.errors import BenchError, first_line
 from models import create_model, get_entry, parameter_count
 from models.cowmask import smooth_noise
 
@@ -301,8 +301,8 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
             history, kept_epoch, kept_state = saved["history"], saved["kept_epoch"], saved["kept_weights"]
             seconds_before, resumed_after = history[-1]["seconds"], saved["resumed_after"] + [len(saved["history"])]
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # made by another version of the code
-            raise BenchError(f"{checkpoint} cannot be resumed by this version of bench ({type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0][:200]}): delete it to start over") from None
+            raise BenchError(f"{checkpoint} cannot be resumed by this version of bench ({first_line(exc)}): delete it "
+                             f"to start over") from None
     start = time.perf_counter() - seconds_before
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not show_progress)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmark.errors import BenchError
+from benchmark.errors import BenchError, first_line
 from human_eval.session import hardset_controls, stable_seed
 from human_eval.store import AnnotationStore, default_db_path, load_answers
 
@@ -173,8 +173,8 @@ def import_labelstudio(store: AnnotationStore, path: Path, annotator_from: str, 
         try:
             answers += task_answers(store, task, annotator_from, summary)
         except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of another type
-            raise BenchError(f"{path}: task {n} is not in Label Studio's JSON export format ({type(exc).__name__}: "
-                             f"{exc}); export the project as JSON") from None
+            raise BenchError(f"{path}: task {n} is not in Label Studio's JSON export format ({first_line(exc)}); "
+                             f"export the project as JSON") from None
         except BenchError as exc:
             raise BenchError(f"{path}: {exc}") from None
     hardset_items = {}  # {hard set: its test indices}

@@ -193,7 +193,8 @@ class AnnotationStore:
             new = {int(t): secrets.token_hex(8) for t in test_indices if int(t) not in known}
             self.conn.executemany("INSERT INTO crowd_items (item, hardset, test_index) VALUES (?, ?, ?)",
                                   [(item, hardset, t) for t, item in new.items()])
-        return [{**known, **new}[int(t)] for t in test_indices]
+        ids = {**known, **new}
+        return [ids[int(t)] for t in test_indices]
 
     def crowd_item(self, item: str) -> tuple[str, int] | None:
         """(hard set, test index) of an exported item's opaque id, or None if this store never exported it."""

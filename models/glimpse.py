@@ -89,9 +89,10 @@ its glimpses depend on the readings (3 distinct second pixels, ~70 distinct 25th
 corner pixels). Twice the schedule (30 epochs, 512 wide) reaches 92.52 % validation, 92.24 % test; four times (60
 epochs) 92.50 % and 92.56 %, no gain on validation; a 2 x 1,024 encoder was behind the 512-wide one after 9 of 15
 epochs (validation errors 674 against 590) and was stopped. K = 2 is worse than the coordinate policy (27.8 %
-against 33-36 %): the estimates settle on whichever few pixels were best when the random reads stopped. A first design, Covert et al.'s (2023) relaxed choice (straight-through
-Gumbel-softmax over pixels), learned too slowly: the scores must grow far beyond the Gumbel noise before a
-choice repeats, and until then the classifier reads random pixels.
+against 33-36 %): the estimates settle on whichever few pixels were best when the random reads stopped. A first
+design, Covert et al.'s (2023) relaxed choice (straight-through Gumbel-softmax over pixels), learned too slowly:
+the scores must grow far beyond the Gumbel noise before a choice repeats, and until then the classifier reads
+random pixels.
 `canvas` (grid only): the policy also sees the readings as an image, the grey levels read so far and a 0/1 mask
 of where, as the selector of Covert et al. and the value network of Gadgil et al. see their masked input. With
 the 256-wide encoder it learned more slowly (K = 25, validation errors after epoch 4: 1,571 against 1,188

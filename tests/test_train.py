@@ -134,6 +134,14 @@ def test_run_folder_round_trip(smoke, tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mlp-old", "mlp-s3"]
 
 
+def test_first_line_of_an_exception_for_one_line_errors():
+    from benchmark.errors import first_line
+
+    assert first_line(RuntimeError("size mismatch\n  for hidden.weight")) == "RuntimeError: size mismatch"
+    assert first_line(KeyError("kept_weights")) == "KeyError: 'kept_weights'"
+    assert first_line(RuntimeError()) == "RuntimeError"  # no message: no IndexError either
+
+
 def test_missing_run_lists_what_exists(tmp_path, smoke):
     save_run(tmp_path, "a-run", {"model": "mlp"}, smoke[0].test_probs)
     with pytest.raises(BenchError, match=r"run 'b-run' not found .*a-run"):
