@@ -79,6 +79,41 @@ def test_elastic_distortion_is_a_smooth_field_of_the_stated_strength():
     assert not torch.equal(dx[0], dx[1])  # each image gets its own field
 
 
+def ink_centre_and_slant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image of x (B, 1, 28, 28): the ink's centre row, centre column and slant cov(row, col) / var(row)."""
+    ink = x[:, 0].double()
+    rows, cols = torch.meshgrid(torch.arange(28.0).double(), torch.arange(28.0).double(), indexing="ij")
+    mass = ink.sum((1, 2))
+    r0, c0 = (ink * rows).sum((1, 2)) / mass, (ink * cols).sum((1, 2)) / mass
+    dr, dc = rows - r0.view(-1, 1, 1), cols - c0.view(-1, 1, 1)
+    return r0, c0, (ink * dr * dc).sum((1, 2)) / (ink * dr * dr).sum((1, 2))
+
+
+def test_deskew_stands_digits_upright_and_undoes_shears_and_shifts(mnist):
+    from models.cnn import deskew
+
+    x = to_float(mnist.test_images[:200])
+    straight = deskew(x)
+    r0, c0, slant = ink_centre_and_slant(straight)
+    assert ink_centre_and_slant(x)[2].abs().mean() > 0.1  # MNIST digits lean
+    assert slant.abs().max() < 0.02 and (r0 - 13.5).abs().max() < 0.05 and (c0 - 13.5).abs().max() < 0.05
+    # the same digits sheared and shifted come out as (nearly) the same straightened images
+    for shear, shift in [(0.4, 0.0), (-0.4, 0.2)]:
+        theta = torch.tensor([[1.0, shear, shift], [0.0, 1.0, -shift]]).expand(len(x), 2, 3)
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        moved = torch.nn.functional.grid_sample(x, grid, align_corners=False)
+        assert (moved - x).abs().mean() > 0.1
+        assert (deskew(moved) - straight).abs().mean() < 0.02
+    blank = torch.zeros(1, 1, 28, 28)
+    assert torch.equal(deskew(blank), blank)
+    # cnn --set deskew=True is the plain cnn (same weights) reading the straightened images
+    plain, straightening = create_model("cnn", width=4).eval(), create_model("cnn", width=4, deskew=True).eval()
+    straightening.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(straightening(x[:8]), plain(straight[:8]))
+        assert not torch.allclose(straightening(x[:8]), plain(x[:8]))
+
+
 @pytest.fixture(scope="module")
 def smoke(mnist):
     cfg = resolve_config("mlp", epochs=2, train_subset=2000)
