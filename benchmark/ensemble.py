@@ -2,7 +2,9 @@
 
 The ensemble run folder has `meta.json`, `val_probs.npy` and `test_probs.npy` like any run (no `model.pt`),
 so `bench errors`, the assist measurement and the report treat it as one more model. Its meta records the
-members, each member's test errors, and their mean, spread (sample standard deviation), min and max.
+members, each member's test errors, their mean, spread (sample standard deviation), min and max, and how the
+members' errors overlap: the test images every member gets wrong (no average of these members can fix them)
+and those at least one gets wrong (what a perfect arbiter between them could not go below and above).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def build_ensemble(workspace, name: str, members: list[Run], test_labels: np.nda
                    val_labels: np.ndarray | None = None) -> dict:
     """Average `members`, save the ensemble as run `name`, return its meta.json content."""
     test_probs, val_probs = average_runs(members)
-    member_errors = {m.name: int((m.test_predictions != test_labels).sum()) for m in members}
-    counts = np.array(list(member_errors.values()))
+    wrong = np.array([m.test_predictions != test_labels for m in members])  # (members, N)
+    member_errors = {m.name: int(w.sum()) for m, w in zip(members, wrong)}
+    counts = wrong.sum(1)
     meta = {
         "name": name, "model": "ensemble", "members": [m.name for m in members],
         "member_models": sorted({m.meta.get("model", "?") for m in members}),
@@ -44,6 +47,7 @@ def build_ensemble(workspace, name: str, members: list[Run], test_labels: np.nda
         "member_test_errors": member_errors,
         "member_spread": {"mean": float(counts.mean()), "std": float(counts.std(ddof=1)) if len(counts) > 1 else 0.0,
                           "min": int(counts.min()), "max": int(counts.max())},
+        "wrong_for_all_members": int(wrong.all(0).sum()), "wrong_for_some_member": int(wrong.any(0).sum()),
     }
     if val_probs is not None and val_labels is not None:
         meta["val_errors"] = int((val_probs.argmax(1) != val_labels).sum())

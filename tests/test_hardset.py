@@ -85,6 +85,7 @@ def test_ensemble_of_identical_runs_equals_the_run(tmp_path, fabricate_run):
     ensemble = load_run(tmp_path, "ens")
     np.testing.assert_allclose(ensemble.test_probs, members[0].test_probs, rtol=0, atol=1e-7)
     assert meta["test_errors"] == 3 and meta["member_spread"] == {"mean": 3.0, "std": 0.0, "min": 3, "max": 3}
+    assert meta["wrong_for_all_members"] == meta["wrong_for_some_member"] == 3
 
 
 def test_ensemble_averages_and_can_fix_errors(tmp_path, fabricate_run):
@@ -101,6 +102,9 @@ def test_ensemble_averages_and_can_fix_errors(tmp_path, fabricate_run):
     assert meta["test_errors"] == int((expected.argmax(1) != labels).sum()) == 1  # only 2 is wrong twice
     assert meta["member_test_errors"] == {"a": 2, "b": 2, "c": 1}
     assert meta["member_spread"]["mean"] == pytest.approx(5 / 3)
+    assert meta["wrong_for_all_members"] == 0 and meta["wrong_for_some_member"] == 4  # images 1, 2, 3, 4
+    two = build_ensemble(tmp_path, "ab", members[:2], labels)
+    assert two["wrong_for_all_members"] == 1 and two["wrong_for_some_member"] == 3  # 2; 1, 2, 3
 
 
 def test_ensemble_command_never_replaces_another_run_and_counts_each_member_once(tmp_path, fabricate_run, mnist):
@@ -112,7 +116,8 @@ def test_ensemble_command_never_replaces_another_run_and_counts_each_member_once
         result = CliRunner().invoke(app, ["ensemble", *args, "--workspace", str(tmp_path)])
         return result.exit_code, " ".join(result.output.split())
 
-    assert ensemble("--members", "m", "--seeds", "2")[0] == 0
+    code, output = ensemble("--members", "m", "--seeds", "2")
+    assert code == 0 and output.endswith("wrong for every member 1, for at least one 3")  # no validation figures
     assert load_run(tmp_path, "ensemble-m-x2").meta["members"] == ["m-s0", "m-s1"]
     assert ensemble("--members", "m", "--seeds", "2")[0] == 0  # the same ensemble again: a re-run
     code, output = ensemble("--run", "m-s0", "--run", "m-s0")
