@@ -9,12 +9,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmark.errors import BenchError
 from benchmark.runs import load_model, load_run, save_run
 from benchmark.train import (TrainConfig, balanced_subset, make_optimizer, pick_device, random_distortion,
                              resolve_config, to_float, train_model, training_loss)
 from models import create_model, parameter_count
+from models.cnn import deskew
 
 
 def test_config_layers_defaults_model_and_overrides():
@@ -90,8 +92,6 @@ def ink_centre_and_slant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def test_deskew_stands_digits_upright_and_undoes_shears_and_shifts(mnist):
-    from models.cnn import deskew
-
     x = to_float(mnist.test_images[:200])
     straight = deskew(x)
     r0, c0, slant = ink_centre_and_slant(straight)
@@ -100,8 +100,7 @@ def test_deskew_stands_digits_upright_and_undoes_shears_and_shifts(mnist):
     # the same digits sheared and shifted come out as (nearly) the same straightened images
     for shear, shift in [(0.4, 0.0), (-0.4, 0.2)]:
         theta = torch.tensor([[1.0, shear, shift], [0.0, 1.0, -shift]]).expand(len(x), 2, 3)
-        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-        moved = torch.nn.functional.grid_sample(x, grid, align_corners=False)
+        moved = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
         assert (moved - x).abs().mean() > 0.1
         assert (deskew(moved) - straight).abs().mean() < 0.02
     blank = torch.zeros(1, 1, 28, 28)
