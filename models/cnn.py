@@ -36,11 +36,13 @@ def deskew(x: torch.Tensor, max_slant: float = 1.0) -> torch.Tensor:
     rows = torch.arange(height, dtype=x.dtype, device=x.device).view(1, height, 1)
     cols = torch.arange(width, dtype=x.dtype, device=x.device).view(1, 1, width)
     ink = x[:, 0]
-    mass = ink.sum(dim=(1, 2)).clamp_min(1e-6)
+    total = ink.sum(dim=(1, 2))
+    mass = total.clamp_min(1e-6)
     r0 = (ink * rows).sum(dim=(1, 2)) / mass
     c0 = (ink * cols).sum(dim=(1, 2)) / mass
-    var_row = (ink * (rows - r0.view(b, 1, 1)) ** 2).sum(dim=(1, 2)) / mass
-    cov = (ink * (rows - r0.view(b, 1, 1)) * (cols - c0.view(b, 1, 1))).sum(dim=(1, 2)) / mass
+    d_row, d_col = rows - r0.view(b, 1, 1), cols - c0.view(b, 1, 1)
+    var_row = (ink * d_row ** 2).sum(dim=(1, 2)) / mass
+    cov = (ink * d_row * d_col).sum(dim=(1, 2)) / mass
     slant = (cov / var_row.clamp_min(1e-6)).clamp(-max_slant, max_slant)
     # affine_grid's coordinates run from -1 to 1 across the image: one pixel is 2 / size of them
     zero, one = torch.zeros_like(slant), torch.ones_like(slant)
@@ -48,8 +50,7 @@ def deskew(x: torch.Tensor, max_slant: float = 1.0) -> torch.Tensor:
                          torch.stack([zero, one, (r0 - (height - 1) / 2) * 2 / height], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     straightened = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    blank = x.flatten(1).sum(1) == 0
-    return torch.where(blank.view(b, 1, 1, 1), x, straightened)
+    return torch.where((total == 0).view(b, 1, 1, 1), x, straightened)
 
 
 class ConvNet(nn.Module):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.errors import BenchError
+from benchmark.errors import BenchError, first_line
 from benchmark.runs import load_model, load_run, save_run
 from benchmark.train import (TrainConfig, balanced_subset, make_optimizer, pick_device, random_distortion,
                              resolve_config, to_float, train_model, training_loss)
@@ -169,8 +169,6 @@ def test_run_folder_round_trip(smoke, tmp_path):
 
 
 def test_first_line_of_an_exception_for_one_line_errors():
-    from benchmark.errors import first_line
-
     assert first_line(RuntimeError("size mismatch\n  for hidden.weight")) == "RuntimeError: size mismatch"
     assert first_line(KeyError("kept_weights")) == "KeyError: 'kept_weights'"
     assert first_line(RuntimeError()) == "RuntimeError"  # no message: no IndexError either
