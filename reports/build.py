@@ -2,7 +2,8 @@
 
 Sections, each built from whatever the workspace holds (`reports.collect`); a part whose artefacts do not
 exist yet is listed as "not run yet" with the command that produces it:
-  1. Models             every run, and mean / spread of test errors over the seeds of one configuration
+  1. Models             every run, and mean / spread of test errors over the seeds of one configuration;
+                        each ensemble against the bounds its members set on any average of them
   2. Confusion matrices each run on the test set; each annotator and the human majority on the hard set
   3. Hard-set gallery   every image with label, model predictions, human answers and majority; suspected
                         label errors (human majority != dataset label) flagged and listed first
@@ -39,8 +40,8 @@ from sklearn.metrics import confusion_matrix
 from benchmark.errors import BenchError
 from benchmark.runs import replace_folder_atomically
 from reports import figures
-from reports.collect import (HardSet, Workspace, assist_tables, bounds_table, collect, flat_numbers,
-                             needs_test_labels, runs_table, seed_groups)
+from reports.collect import (HardSet, Workspace, assist_tables, bounds_table, collect, ensembles_table,
+                             flat_numbers, needs_test_labels, runs_table, seed_groups)
 from reports.human import (UNDECIDED, coded, control_accuracy, fleiss_table, final_answers, hardset_errors,
                            majority_vote, pairwise_kappa, reconsidered)
 
@@ -93,7 +94,7 @@ class Section:
 
 # Sections ----------------------------------------------------------------------------------------------
 
-def models_section(runs: pd.DataFrame) -> Section:
+def models_section(runs: pd.DataFrame, ensembles: pd.DataFrame) -> Section:
     section = Section("1. Models")
     if runs.empty:
         section.blocks.append(NotRun("no trained runs in this workspace", COMMANDS["runs"]))
@@ -110,6 +111,13 @@ def models_section(runs: pd.DataFrame) -> Section:
         Picture("test_errors_by_model", figures.errors_by_group(runs), "Test errors per model and seed.",
                 runs[["group", "run", "test_errors"]]),
     ]
+    if not ensembles.empty:
+        section.blocks.append(Table(
+            "ensembles", ensembles,
+            "Each ensemble against what its members allow. Any average of the members' probabilities is right "
+            "wherever every member is right, and wrong wherever every member gives the same wrong answer, so its test "
+            "errors lie between same_wrong_answer_for_all_members and wrong_for_some_member. Recounted from the "
+            "members' saved predictions; empty where a member is not in this workspace."))
     return section
 
 
@@ -485,8 +493,8 @@ def build_report(workspace: Path, out: Path | None = None, data_dir: Path | None
         test_labels = load_mnist(data_dir, workspace).test_labels
     ws = collect(workspace, test_labels)
     runs = runs_table(ws)
-    sections = [models_section(runs), confusion_section(ws), gallery_section(ws), human_section(ws, runs),
-                assist_section(ws), bounds_section(ws)]
+    sections = [models_section(runs, ensembles_table(ws)), confusion_section(ws), gallery_section(ws),
+                human_section(ws, runs), assist_section(ws), bounds_section(ws)]
 
     stems = file_stems(sections)
     title = "digit-bench report"

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.config import saved_config
+from benchmark.ensemble import error_overlap
 from benchmark.errors import BenchError
 from benchmark.hardset import load_hardset
 from benchmark.runs import Run, load_run, run_names
@@ -157,6 +158,36 @@ def runs_table(ws: Workspace) -> pd.DataFrame:
         for index, row in same_model.iterrows():
             table.loc[index, "group"] = f"{model} (" + ", ".join(f"{k}={row['config'].get(k)}" for k in differing) + ")"
     return table.drop(columns=["config_key", "config"])
+
+
+def ensembles_table(ws: Workspace) -> pd.DataFrame:
+    """One row per ensemble run: its test errors against the bounds its members set on any average of them.
+
+    Recounted from the members' saved test probabilities (`benchmark.ensemble.error_overlap`): the members' mean,
+    best and worst test errors; images wrong for every member, wrong for every member with the same answer (no
+    average of them fixes these) and wrong for at least one (no average of them errs elsewhere). An ensemble
+    whose members are not all in the workspace gets its own count and the names of the missing members only.
+    """
+    columns = ["run", "members", "test_errors", "members_mean_test_errors", "best_member_test_errors",
+               "worst_member_test_errors", "wrong_for_all_members", "same_wrong_answer_for_all_members",
+               "wrong_for_some_member", "missing_members"]
+    by_name = {run.name: run for run in ws.runs}
+    rows = []
+    for run in ws.runs:
+        if run.meta.get("model") != "ensemble":
+            continue
+        names = list(run.meta.get("members") or [])
+        row = {"run": run.name, "members": len(names),
+               "test_errors": int((run.test_predictions != ws.test_labels).sum()),
+               "missing_members": " ".join(n for n in names if n not in by_name)}
+        if names and not row["missing_members"]:
+            overlap = error_overlap(np.array([by_name[n].test_predictions for n in names]), ws.test_labels)
+            spread = overlap.pop("member_spread")
+            row |= overlap | {"members_mean_test_errors": spread["mean"], "best_member_test_errors": spread["min"],
+                              "worst_member_test_errors": spread["max"]}
+        rows.append(row)
+    counts = [c for c in columns if c not in ("run", "missing_members", "members_mean_test_errors")]
+    return pd.DataFrame(rows, columns=columns).astype({c: "Int64" for c in counts})  # blank stays blank, not 2.0
 
 
 def seed_groups(runs: pd.DataFrame) -> pd.DataFrame:

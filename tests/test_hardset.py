@@ -107,6 +107,41 @@ def test_ensemble_averages_and_can_fix_errors(tmp_path, fabricate_run):
     assert two["wrong_for_all_members"] == 1 and two["wrong_for_some_member"] == 3  # 2; 1, 2, 3
 
 
+def test_ensemble_errors_lie_between_the_same_wrong_answer_and_the_some_member_counts(tmp_path):
+    """All members wrong is not a floor: members wrong in different ways can be outvoted by the label they all
+    rank second. All members wrong with the same answer is one, and some member wrong a ceiling, for any weights."""
+    from benchmark.ensemble import build_ensemble, error_overlap
+    from benchmark.runs import save_run
+
+    labels = np.arange(30) % 10
+    for name, wrong_answer in (("a", 1), ("b", 2)):
+        probs = np.full((30, 10), 0.005)
+        probs[np.arange(30), labels] = 0.955
+        probs[0] = 0.005
+        probs[0, labels[0]], probs[0, (labels[0] + wrong_answer) % 10] = 0.45, 0.51  # wrong, label second
+        probs[1, labels[1]], probs[1, (labels[1] + 1) % 10] = 0.005, 0.955  # wrong alike
+        save_run(tmp_path, name, {"name": name, "model": "mlp"}, probs)
+    meta = build_ensemble(tmp_path, "ab", [load_run(tmp_path, n) for n in "ab"], labels)
+    assert (meta["wrong_for_all_members"], meta["same_wrong_answer_for_all_members"]) == (2, 1)
+    assert meta["test_errors"] == 1 and load_run(tmp_path, "ab").test_predictions[0] == labels[0]
+
+    rng = np.random.default_rng(0)
+    outvoted = 0
+    for _ in range(200):  # random members, labels and weights: the bounds hold image by image for every weighting
+        probs = rng.dirichlet(np.ones(3), size=(2, 40))  # 2 members, 40 images, 3 classes: many errors
+        y = rng.integers(0, 3, 40)
+        predictions = probs.argmax(2)
+        wrong_for_all, alike = (predictions != y).all(0), (predictions != y).all(0) & (predictions[0] == predictions[1])
+        some = (predictions != y).any(0)
+        overlap = error_overlap(predictions, y)
+        assert (overlap["wrong_for_all_members"], overlap["same_wrong_answer_for_all_members"],
+                overlap["wrong_for_some_member"]) == (wrong_for_all.sum(), alike.sum(), some.sum())
+        ensemble_wrong = np.einsum("m,mnk->nk", rng.random(2), probs).argmax(1) != y
+        assert not (alike & ~ensemble_wrong).any() and not (ensemble_wrong & ~some).any()
+        outvoted += (wrong_for_all & ~ensemble_wrong).sum()
+    assert outvoted > 0  # images wrong for both members that the average gets right: no floor
+
+
 def test_ensemble_command_never_replaces_another_run_and_counts_each_member_once(tmp_path, fabricate_run, mnist):
     labels = mnist.test_labels
     fabricate_run(tmp_path, "m-s0", labels, [1, 2])
@@ -117,7 +152,7 @@ def test_ensemble_command_never_replaces_another_run_and_counts_each_member_once
         return result.exit_code, " ".join(result.output.split())
 
     code, output = ensemble("--members", "m", "--seeds", "2")
-    assert code == 0 and output.endswith("wrong for every member 1, for at least one 3")  # no validation figures
+    assert code == 0 and output.endswith("wrong for every member 1 (1 with the same answer), for at least one 3")  # no validation figures
     assert load_run(tmp_path, "ensemble-m-x2").meta["members"] == ["m-s0", "m-s1"]
     assert ensemble("--members", "m", "--seeds", "2")[0] == 0  # the same ensemble again: a re-run
     code, output = ensemble("--run", "m-s0", "--run", "m-s0")

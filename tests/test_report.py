@@ -177,6 +177,30 @@ def test_runs_saved_before_a_training_option_existed_group_with_runs_at_its_defa
     assert groups["cnn-all-s0"] == "cnn (all_train=True)"
 
 
+def test_ensembles_table_recounts_the_bounds_from_the_members(tmp_path):
+    from benchmark.ensemble import build_ensemble
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, N_TEST)
+    wrong = {"a": [0, 1, 2, 3], "b": [0, 1, 5], "c": [0, 7], "d": [9]}  # image 0 wrong for a, b, c (label + 1)
+    for name, indices in wrong.items():
+        save_run(tmp_path, name, {"name": name, "model": "mlp"}, probabilities(labels, np.array(indices), rng))
+    build_ensemble(tmp_path, "ens-abc", [load_run(tmp_path, n) for n in "abc"], labels)
+    build_ensemble(tmp_path, "ens-ad", [load_run(tmp_path, n) for n in "ad"], labels)
+    shutil.rmtree(tmp_path / "runs" / "d")  # ens-ad loses a member: no bounds for it, the member is named
+    build_report(tmp_path, test_labels=labels)
+    table = pd.read_csv(tmp_path / "report" / "ensembles.csv").set_index("run")
+    abc = table.loc["ens-abc"]
+    assert (abc["members"], abc["test_errors"]) == (3, 2)  # 0, 1: wrong for two of three
+    assert (abc["best_member_test_errors"], abc["worst_member_test_errors"]) == (2, 4)
+    assert abc["members_mean_test_errors"] == pytest.approx(3)
+    assert (abc["wrong_for_all_members"], abc["same_wrong_answer_for_all_members"], abc["wrong_for_some_member"]) \
+        == (1, 1, 6)  # 0; 0; 0, 1, 2, 3, 5, 7
+    ad = table.loc["ens-ad"]
+    assert ad["missing_members"] == "d" and pd.isna(ad["wrong_for_all_members"]) and ad["test_errors"] >= 1
+    assert pd.isna(abc["missing_members"])
+
+
 def test_confusion_matrix_counts(fabricated):
     ws, labels, wrong, *_ = fabricated
     confusion = pd.read_csv(ws / "report" / "confusion_test.csv")
