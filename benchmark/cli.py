@@ -273,8 +273,8 @@ def ensemble(members: Optional[str] = typer.Option(None, help="Model whose runs 
     console.print(f"{ensemble_name}: test errors {meta['test_errors']}/{meta['test_size']}; members "
                   f"{', '.join(f'{k} {v}' for k, v in meta['member_test_errors'].items())} "
                   f"(mean {spread['mean']:.1f}, sd {spread['std']:.1f}); wrong for every member "
-                  f"{meta['wrong_for_all_members']} ({meta['same_wrong_answer_for_all_members']} with the same answer), for at "
-                  f"least one {meta['wrong_for_some_member']}"
+                  f"{meta['wrong_for_all_members']} ({meta['same_wrong_answer_for_all_members']} with the same "
+                  f"answer), for at least one {meta['wrong_for_some_member']}"
                   + (f"; validation errors {meta['val_errors']}/{meta['val_size']}" if "val_errors" in meta else ""))
 
 

@@ -43,8 +43,9 @@ def error_overlap(predictions: np.ndarray, labels: np.ndarray) -> dict:
     """
     wrong = predictions != labels
     counts = wrong.sum(1)
-    return {"member_spread": {"mean": float(counts.mean()), "std": float(counts.std(ddof=1)) if len(counts) > 1 else 0.0,
-                              "min": int(counts.min()), "max": int(counts.max())},
+    spread = {"mean": float(counts.mean()), "std": float(counts.std(ddof=1)) if len(counts) > 1 else 0.0,
+              "min": int(counts.min()), "max": int(counts.max())}
+    return {"member_spread": spread,
             "wrong_for_all_members": int(wrong.all(0).sum()),
             "same_wrong_answer_for_all_members": int((wrong.all(0) & (predictions == predictions[0]).all(0)).sum()),
             "wrong_for_some_member": int(wrong.any(0).sum())}
