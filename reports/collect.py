@@ -187,7 +187,7 @@ def ensembles_table(ws: Workspace) -> pd.DataFrame:
                               "worst_member_test_errors": spread["max"]}
         rows.append(row)
     counts = [c for c in columns if c not in ("run", "missing_members", "members_mean_test_errors")]
-    return pd.DataFrame(rows, columns=columns).astype({c: "Int64" for c in counts})  # blank stays blank, not 2.0
+    return pd.DataFrame(rows, columns=columns).astype({c: "Int64" for c in counts})  # counts stay whole (2, not 2.0) beside blanks
 
 
 def seed_groups(runs: pd.DataFrame) -> pd.DataFrame:
