@@ -131,8 +131,8 @@ def test_ensemble_errors_lie_between_the_same_wrong_answer_and_the_some_member_c
         probs = rng.dirichlet(np.ones(3), size=(2, 40))  # 2 members, 40 images, 3 classes: many errors
         y = rng.integers(0, 3, 40)
         predictions = probs.argmax(2)
-        wrong_for_all, alike = (predictions != y).all(0), (predictions != y).all(0) & (predictions[0] == predictions[1])
-        some = (predictions != y).any(0)
+        wrong_for_all, some = (predictions != y).all(0), (predictions != y).any(0)
+        alike = wrong_for_all & (predictions[0] == predictions[1])
         overlap = error_overlap(predictions, y)
         assert (overlap["wrong_for_all_members"], overlap["same_wrong_answer_for_all_members"],
                 overlap["wrong_for_some_member"]) == (wrong_for_all.sum(), alike.sum(), some.sum())
