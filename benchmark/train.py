@@ -40,8 +40,8 @@ def resolve_config(model: str, **overrides) -> TrainConfig:
         raise BenchError(f"unknown training option(s) {sorted(unknown)} for model {model}")
     cfg = TrainConfig(**merged)
     for option, value in [("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--lr", cfg.lr),
-                          ("--train-subset", cfg.train_subset or 1)]:
-        if not value > 0:
+                          ("--train-subset", cfg.train_subset), ("--labels", cfg.labels)]:
+        if value is not None and not value > 0:
             raise BenchError(f"{option} {value}: expected a positive number")
     return cfg
 
@@ -264,11 +264,14 @@ def train_model(name: str, cfg: TrainConfig, data: Mnist, seed: int, device: tor
     opt, sched = make_optimizer(model, cfg, cfg.epochs * batches_per_epoch)
 
     def prepare(x: torch.Tensor, distortion: TrainConfig = cfg) -> torch.Tensor:
+        # to the device first: on a GPU the resampling runs there, not on the CPU that feeds it (the random
+        # draws stay on the CPU generator, so a seed gives the same distortions on either device)
+        x = x.to(device)
         if cfg.augment:
             x = random_distortion(x, distortion, gen)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x.to(device)
+        return x
 
     labelled_batches = ShuffledBatches(len(x_fit), cfg.batch_size, gen)
     unlabelled_batches = ShuffledBatches(len(x_unlabelled), cfg.batch_size, gen) if semi_supervised else None
