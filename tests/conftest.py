@@ -55,9 +55,12 @@ def mnist(mnist_dir, tmp_path_factory):
     return load_mnist(mnist_dir, tmp_path_factory.mktemp("ws"))
 
 
-def fabricated_probs(labels: np.ndarray, wrong: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Probabilities (N, 10) that put 0.9 on the true label, except at indices `wrong` (then on label+1)."""
-    rng = np.random.default_rng(seed)
+def fabricated_probs(labels: np.ndarray, wrong: np.ndarray, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """Probabilities (N, 10) that put 0.9 on the true label, except at indices `wrong` (then on label+1).
+
+    `seed` may be a Generator: a fixture that draws everything from one stream passes its own.
+    """
+    rng = np.random.default_rng(seed)  # a Generator is used as it is, not copied
     probs = rng.dirichlet(np.ones(10), size=len(labels)).astype(np.float32) * 0.1
     predicted = labels.copy()
     predicted[wrong] = (labels[wrong] + 1) % 10
@@ -77,4 +80,41 @@ def fabricate_run():
     return make
 
 
-__all__ = ["MNIST_FILES", "idx_bytes", "write_idx", "fabricated_probs"]
+def assert_one_line_error(result, message: str) -> None:
+    """A user error as the README promises it: exactly one non-empty line, `error: ...` containing `message`,
+    no traceback; and exit code 2 when `result` is a CliRunner result or a finished subprocess rather than
+    the text alone (then its output, or for a subprocess its stderr, is the text checked)."""
+    if isinstance(result, str):
+        text = result
+    elif hasattr(result, "exit_code"):  # typer's CliRunner: output holds stdout and stderr as printed
+        assert result.exit_code == 2, result.output
+        text = result.output
+    else:  # subprocess.CompletedProcess
+        assert result.returncode == 2, result.stderr
+        text = result.stderr
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), text
+    assert message in lines[0], text
+    assert "Traceback" not in text, text
+
+
+def fit_steps(model: torch.nn.Module, loss_fn, batches, optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[float]:
+    """One optimiser step on loss_fn(x, y) per (x, y) of `batches`, with the model in training mode; the
+    scheduler, if given, steps after each. Returns every step's loss, as measured before that step.
+
+    The caller builds the optimizer, so each test keeps the optimizer and learning rate it is about."""
+    losses = []
+    for x, y in batches:
+        model.train()
+        loss = loss_fn(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+__all__ = ["MNIST_FILES", "idx_bytes", "write_idx", "fabricated_probs", "assert_one_line_error", "fit_steps"]

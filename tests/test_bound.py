@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from benchmark.bound import best_pair, naive_pair_count, scan_pairs, scan_pairs_torch
 from benchmark.cli import app
+from conftest import assert_one_line_error
 
 
 def majority(counter: Counter) -> int:
@@ -78,13 +79,19 @@ def problems(draw, min_pixels=2, max_pixels=7):
     return fit, score
 
 
-def check_against_brute_force(problem):
-    (fit_x, fit_y), (score_x, score_y) = problem
+def assert_counts_are_brute_force(fit_x, fit_y, score_x, score_y):
+    """scan_pairs's three count tables equal the dictionary counts of `brute_force`; returns those pair counts."""
     pairs, adaptive, heldout = brute_force(fit_x, fit_y, score_x, score_y)
     counts = scan_pairs(fit_x, fit_y, score_x, score_y)
     np.testing.assert_array_equal(counts.pairs, pairs)
     np.testing.assert_array_equal(counts.adaptive, adaptive)
     np.testing.assert_array_equal(counts.heldout, heldout)
+    return pairs
+
+
+def check_against_brute_force(problem):
+    (fit_x, fit_y), (score_x, score_y) = problem
+    pairs = assert_counts_are_brute_force(fit_x, fit_y, score_x, score_y)
     # scoring the fitted images themselves gives back the in-sample counts (no fallback is ever needed);
     # without the adaptive bound the other counts are the same
     without_adaptive = scan_pairs(fit_x, fit_y, fit_x, fit_y, adaptive=False)
@@ -196,10 +203,7 @@ def test_cli_writes_summary_matching_the_search(mnist, mnist_dir, tmp_path):
 def test_bad_options_give_one_line_error(tmp_path, args, message):
     (tmp_path / "a-file").write_text("not a folder")
     args = [str(tmp_path / a) if a == "a-file" else a for a in args]
-    result = CliRunner().invoke(app, ["bound", *args, "--workspace", str(tmp_path)])
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert_one_line_error(CliRunner().invoke(app, ["bound", *args, "--workspace", str(tmp_path)]), message)
 
 
 def test_inputs_beyond_the_limits_are_refused():
@@ -225,8 +229,4 @@ def test_a_walk_past_16_bits_of_counts_restarts_its_cells():
     images = np.where(rng.random((75_000, 3)) < 0.1, 0, rng.integers(1, 9, size=(75_000, 3))).astype(np.uint8)
     labels = rng.integers(0, 3, size=75_000)
     assert (images != 0).sum(0).min() > 65_535
-    fast = scan_pairs(images, labels, images[:300], labels[:300])
-    pairs, adaptive, heldout = brute_force(images, labels, images[:300], labels[:300])
-    np.testing.assert_array_equal(fast.pairs, pairs)
-    np.testing.assert_array_equal(fast.adaptive, adaptive)
-    np.testing.assert_array_equal(fast.heldout, heldout)
+    assert_counts_are_brute_force(images, labels, images[:300], labels[:300])

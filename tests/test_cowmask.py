@@ -66,14 +66,17 @@ def test_teacher_is_the_moving_average_of_the_student():
     model = create_model("cowmask", ema_decay=0.9)
     assert parameter_count(model) == parameter_count(create_model("cnn"))  # teacher not trainable
     teacher_before = [p.clone() for p in model.teacher.parameters()]
+    buffers_before = [b.clone() for b in model.teacher.buffers()]
     with torch.no_grad():
         for p in model.student.parameters():
             p.add_(torch.randn_like(p))
+        model.student.train()(torch.rand(8, 1, 28, 28))  # moves the student's batch-norm statistics only
     model.after_step()
     for before, t, s in zip(teacher_before, model.teacher.parameters(), model.student.parameters()):
         torch.testing.assert_close(t, 0.9 * before + 0.1 * s)
-    for t, s in zip(model.teacher.buffers(), model.student.buffers()):
-        torch.testing.assert_close(t, s)
+    for before, t, s in zip(buffers_before, model.teacher.buffers(), model.student.buffers()):
+        torch.testing.assert_close(t, s)  # the statistics are copied, not averaged...
+        assert not torch.equal(t, before)  # ...so the teacher's are the student's new ones
 
 
 @pytest.mark.parametrize("mode", ["mix", "erase"])
@@ -126,27 +129,47 @@ def test_an_unsure_teacher_adds_no_consistency_and_the_weight_ramps_up(mode):
     assert model.consistency_ramp() == 1.0
 
 
+class FixedTeacher(torch.nn.Module):
+    """A stand-in teacher with logits answer(images) (N, 10): the targets it gives are known by construction."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    def forward(self, images):
+        return self.answer(images)
+
+
+def left_half_mask() -> torch.Tensor:
+    """(1, 1, 28, 28): keeps the left 14 columns."""
+    mask = torch.zeros(1, 1, 28, 28)
+    mask[..., :14] = 1.0
+    return mask
+
+
+def loss_pair(model, teacher: torch.nn.Module, mask: torch.Tensor, x, y, unlabelled):
+    """Give `model` this teacher and `mask` as every image's CowMask; its training loss with and without the
+    unlabelled images (the consistency term is their difference), without gradients."""
+    model.teacher = teacher
+    model.sample_masks = lambda n, device: mask.expand(n, 1, 28, 28)
+    with torch.no_grad():
+        return model.training_loss(x, y, 0.0, unlabelled), model.training_loss(x, y, 0.0)
+
+
 def test_mix_target_follows_the_visible_ink_not_the_pixel_share():
     """Both images have ink only on the left; the mask keeps the left of image a: the mix shows a alone."""
     torch.manual_seed(0)
     model = create_model("cowmask", mode="mix", confidence=0.0, rampup_steps=0, consistency_weight=1.0).eval()
-    left = torch.zeros(1, 1, 28, 28)
-    left[..., :14] = 1.0
-    model.sample_masks = lambda n, device: left.expand(n, 1, 28, 28)
-
-    class SureTeacher(torch.nn.Module):  # an untrained teacher answers almost alike for any image
-        def forward(self, images):
-            return torch.eye(10)[[3, 7]] * 20.0  # image a is surely a 3, image b surely a 7
-
-    model.teacher = SureTeacher()
+    left = left_half_mask()
+    # an untrained teacher answers almost alike for any image; this one is sure image a is a 3 and image b a 7
+    sure = FixedTeacher(lambda images: torch.eye(10)[[3, 7]] * 20.0)
     unlabelled = torch.rand(2, 1, 28, 28) * left  # ink on the left half only
     x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    loss, supervised = loss_pair(model, sure, left, x, y, unlabelled)
     with torch.no_grad():
-        teacher = F.softmax(model.teacher(unlabelled), dim=1)
+        teacher = F.softmax(sure(unlabelled), dim=1)
         mixed = left * unlabelled  # a's left half + b's (blank) right half
         student = F.softmax(model.student(mixed), dim=1)
-        supervised = F.cross_entropy(model.student(x), y)
-        loss = model.training_loss(x, y, 0.0, unlabelled)
     expected = supervised + ((student - teacher) ** 2).sum(1).mean()  # share 1: the target is p(a)
     pixel_share = supervised + ((student - (teacher + teacher.roll(1, 0)) / 2) ** 2).sum(1).mean()
     assert torch.allclose(loss, expected, atol=1e-6)
@@ -188,23 +211,17 @@ def test_readable_counts_only_perturbations_the_teacher_still_reads_as_their_sou
     are uniform grey (3); the mask keeps the left half of each, so erasing leaves half an image and mixing
     joins halves of different greys: every perturbed image reads as 5, and no consistency is added."""
     torch.manual_seed(0)
-    left = torch.zeros(1, 1, 28, 28)
-    left[..., :14] = 1.0
 
-    class HalvesTeacher(torch.nn.Module):
-        def forward(self, images):
-            uneven = (images[..., :14].sum((1, 2, 3)) - images[..., 14:].sum((1, 2, 3))).abs() > 1e-3
-            return torch.where(uneven[:, None], torch.eye(10)[5], torch.eye(10)[3]) * 20.0
+    def halves(images):
+        uneven = (images[..., :14].sum((1, 2, 3)) - images[..., 14:].sum((1, 2, 3))).abs() > 1e-3
+        return torch.where(uneven[:, None], torch.eye(10)[5], torch.eye(10)[3]) * 20.0
 
     x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
     unlabelled = torch.tensor([0.2, 0.4, 0.2, 0.4]).view(4, 1, 1, 1).expand(4, 1, 28, 28)
     losses = {}
     for readable in (False, True):
         model = create_model("cowmask", mode=mode, readable=readable, confidence=0.5, rampup_steps=0).eval()
-        model.sample_masks = lambda n, device: left.expand(n, 1, 28, 28)
-        model.teacher = HalvesTeacher()
-        with torch.no_grad():
-            losses[readable] = (model.training_loss(x, y, 0.0, unlabelled), model.training_loss(x, y, 0.0))
+        losses[readable] = loss_pair(model, FixedTeacher(halves), left_half_mask(), x, y, unlabelled)
     assert losses[False][0] > losses[False][1] + 1e-3  # the consistency term counts without the gate
     torch.testing.assert_close(losses[True][0], losses[True][1])  # and is gated off with it
 
@@ -260,20 +277,17 @@ def test_sharpened_targets_are_gated_on_the_teachers_unsharpened_confidence():
     logits = torch.zeros(10)
     logits[4] = math.log(0.6 * 9 / 0.4)  # p(4) = 0.6, the rest share 0.4
 
-    class UnsureTeacher(torch.nn.Module):
-        def forward(self, images):
-            return logits.expand(len(images), 10)
-
+    unsure = FixedTeacher(lambda images: logits.expand(len(images), 10))
     x, y, unlabelled = torch.rand(4, 1, 28, 28), torch.arange(4), torch.rand(4, 1, 28, 28)
 
     def loss(confidence, sharpen):
         model = create_model("cowmask", mode="erase", rampup_steps=0, confidence=confidence, sharpen=sharpen,
                              width=4).eval()
-        model.teacher = UnsureTeacher()
-        model.sample_masks = lambda n, device: torch.ones(n, 1, 28, 28)  # erase nothing
+        erase_nothing = torch.ones(1, 1, 28, 28)
+        with_unlabelled, supervised = loss_pair(model, unsure, erase_nothing, x, y, unlabelled)
         with torch.no_grad():
             student = F.softmax(model.student(unlabelled), dim=1)
-            return model.training_loss(x, y, 0.0, unlabelled), model.training_loss(x, y, 0.0), student
+        return with_unlabelled, supervised, student
 
     gated, supervised, _ = loss(confidence=0.7, sharpen=0.1)
     assert torch.allclose(gated, supervised)

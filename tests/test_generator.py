@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from itertools import combinations
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from benchmark.train import resolve_config, to_float
+from conftest import fit_steps
 from models import create_model
 from models.generator import NearestInRange, RangeUncovery, image_points, range_uncovery_points
 
@@ -87,12 +91,8 @@ def test_a_few_training_steps_lower_the_loss(digits):
 
     before = held_loss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(30):
-        batch = torch.arange(step * 64, (step + 1) * 64) % len(x)
-        loss = model.training_loss(x[batch], y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    batches = (torch.arange(step * 64, (step + 1) * 64) % len(x) for step in range(30))
+    fit_steps(model, model.training_loss, ((x[batch], y[batch]) for batch in batches), optimizer)
     assert held_loss() < 0.8 * before
 
 
@@ -116,6 +116,21 @@ def test_classifier_view_fit_and_checkpoint_round_trip(digits, tmp_path):
 
 
 def test_write_figures_draws_ten_digits_by_eight_styles(tmp_path):
-    (path,) = create_model("generator").write_figures(tmp_path)
+    """Row c, column s of samples.png is the decoder's rendering of digit c in style code s, the codes drawn
+    with the grid's fixed seed (0): the same eight styles in every row."""
+    torch.manual_seed(0)
+    model = create_model("generator", embed_dim=256, hidden=128).eval()
+    (path,) = model.write_figures(tmp_path)
     assert path == tmp_path / "samples.png"
-    assert Image.open(path).size == (8 * 30 + 2, 10 * 30 + 2)  # make_grid: 28-pixel tiles, 2-pixel padding
+    grid = np.asarray(Image.open(path))[..., 0] / 255  # grey, written as RGB
+    assert grid.shape == (10 * 30 + 2, 8 * 30 + 2)  # make_grid: 28-pixel tiles, 2-pixel padding
+    tiles = np.array([[grid[2 + 30 * c:30 + 30 * c, 2 + 30 * s:30 + 30 * s] for s in range(8)] for c in range(10)])
+    styles = torch.randn(8, model.style_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rendered = np.array([[torch.sigmoid(model.decode(torch.tensor([c]), styles[[s]]))[0, 0].numpy()
+                              for s in range(8)] for c in range(10)])
+    np.testing.assert_allclose(tiles, rendered, rtol=0, atol=0.5 / 255 + 1e-6)  # 8-bit PNG rounding
+    # even untrained, any two rules (rows) and any two styles (columns) render differently, on average by more
+    # than twice that tolerance: the comparison above tells a grid with rows or columns mixed up
+    assert min(np.abs(tiles[a] - tiles[b]).mean() for a, b in combinations(range(10), 2)) > 1 / 255
+    assert min(np.abs(tiles[:, a] - tiles[:, b]).mean() for a, b in combinations(range(8), 2)) > 1 / 255

@@ -12,6 +12,7 @@ from benchmark.cli import app
 from benchmark.errors import BenchError
 from benchmark.hardset import hardset_table, load_hardset, top3_text
 from benchmark.runs import load_run, replace_folder_atomically
+from conftest import assert_one_line_error
 
 
 def test_top3_text_orders_by_probability():
@@ -69,9 +70,7 @@ def test_cli_errors_writes_the_hard_set(tmp_path, fabricate_run, mnist, mnist_di
 
 def test_cli_errors_unknown_run_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["errors", "--run", "ghost", "--workspace", str(tmp_path)])
-    assert result.exit_code == 2
-    assert "run 'ghost' not found" in result.output
-    assert "Traceback" not in result.output
+    assert_one_line_error(result, "run 'ghost' not found")
 
 
 def test_ensemble_of_identical_runs_equals_the_run(tmp_path, fabricate_run):
@@ -125,6 +124,18 @@ def test_ensemble_errors_lie_between_the_same_wrong_answer_and_the_some_member_c
     assert (meta["wrong_for_all_members"], meta["same_wrong_answer_for_all_members"]) == (2, 1)
     assert meta["test_errors"] == 1 and load_run(tmp_path, "ab").test_predictions[0] == labels[0]
 
+    # three members' answers on five images, counted by hand
+    predictions = np.array([[0, 2, 0, 3, 5],   # wrong on 1, 2, 4
+                            [0, 2, 1, 3, 5],   # wrong on 1, 2, 4
+                            [1, 2, 0, 3, 6]])  # wrong on 0, 1, 2, 4
+    overlap = error_overlap(predictions, np.array([0, 1, 2, 3, 4]))
+    # wrong for all: 1, 2, 4; with the same answer: 1 only (image 2 gets 0, 1, 0 and image 4 gets 5, 5, 6, so
+    # comparing any two members is not enough); wrong for some member: 0, 1, 2, 4
+    assert (overlap["wrong_for_all_members"], overlap["same_wrong_answer_for_all_members"],
+            overlap["wrong_for_some_member"]) == (3, 1, 4)
+    assert overlap["member_spread"] == {"mean": pytest.approx(10 / 3), "std": pytest.approx(np.sqrt(1 / 3)),
+                                        "min": 3, "max": 4}
+
     rng = np.random.default_rng(0)
     outvoted = 0
     for _ in range(200):  # random members, labels and weights: the bounds hold image by image for every weighting
@@ -133,9 +144,6 @@ def test_ensemble_errors_lie_between_the_same_wrong_answer_and_the_some_member_c
         predictions = probs.argmax(2)
         wrong_for_all, some = (predictions != y).all(0), (predictions != y).any(0)
         alike = wrong_for_all & (predictions[0] == predictions[1])
-        overlap = error_overlap(predictions, y)
-        assert (overlap["wrong_for_all_members"], overlap["same_wrong_answer_for_all_members"],
-                overlap["wrong_for_some_member"]) == (wrong_for_all.sum(), alike.sum(), some.sum())
         ensemble_wrong = np.einsum("m,mnk->nk", rng.random(2), probs).argmax(1) != y
         assert not (alike & ~ensemble_wrong).any() and not (ensemble_wrong & ~some).any()
         outvoted += (wrong_for_all & ~ensemble_wrong).sum()
@@ -148,23 +156,21 @@ def test_ensemble_command_never_replaces_another_run_and_counts_each_member_once
     fabricate_run(tmp_path, "m-s1", labels, [2, 3], seed=1)
 
     def ensemble(*args):
-        result = CliRunner().invoke(app, ["ensemble", *args, "--workspace", str(tmp_path)])
-        return result.exit_code, " ".join(result.output.split())
+        return CliRunner().invoke(app, ["ensemble", *args, "--workspace", str(tmp_path)])
 
-    code, output = ensemble("--members", "m", "--seeds", "2")
+    built = ensemble("--members", "m", "--seeds", "2")
     # no validation figures at the end: the fabricated members have none
-    assert code == 0 and output.endswith("wrong for every member 1 (1 with the same answer), for at least one 3")
+    assert built.exit_code == 0 and " ".join(built.output.split()).endswith(
+        "wrong for every member 1 (1 with the same answer), for at least one 3")
     assert load_run(tmp_path, "ensemble-m-x2").meta["members"] == ["m-s0", "m-s1"]
-    assert ensemble("--members", "m", "--seeds", "2")[0] == 0  # the same ensemble again: a re-run
-    code, output = ensemble("--run", "m-s0", "--run", "m-s0")
-    assert code == 2 and "names a member more than once" in output
-    code, output = ensemble("--run", "m-s0", "--run", "m-s1", "--name", "m-s0")
-    assert code == 2 and "already saved with another recipe (model mlp -> ensemble)" in output
+    assert ensemble("--members", "m", "--seeds", "2").exit_code == 0  # the same ensemble again: a re-run
+    assert_one_line_error(ensemble("--run", "m-s0", "--run", "m-s0"), "names a member more than once")
+    assert_one_line_error(ensemble("--run", "m-s0", "--run", "m-s1", "--name", "m-s0"),
+                          "already saved with another recipe (model mlp -> ensemble)")
     assert load_run(tmp_path, "m-s0").meta["model"] == "mlp"  # the trained run is untouched
-    code, output = ensemble("--run", "m-s1", "--name", "ensemble-m-x2")
-    assert code == 2 and "members ['m-s0', 'm-s1'] -> ['m-s1']" in output
-    code, output = ensemble("--run", "m-s0", "--run", "m-s1", "--name", "../elsewhere")
-    assert code == 2 and "--name '../elsewhere': use letters, digits" in output
+    assert_one_line_error(ensemble("--run", "m-s1", "--name", "ensemble-m-x2"), "members ['m-s0', 'm-s1'] -> ['m-s1']")
+    assert_one_line_error(ensemble("--run", "m-s0", "--run", "m-s1", "--name", "../elsewhere"),
+                          "--name '../elsewhere': use letters, digits")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ensemble-m-x2", "m-s0", "m-s1"]
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from benchmark.errors import BenchError
+from conftest import assert_one_line_error
 from human_eval.session import LabelSession, choose_controls, open_session, render, stable_seed
 from human_eval.store import ANSWER_COLUMNS, AnnotationStore, default_db_path, load_answers
 
@@ -332,7 +333,7 @@ def test_window_ui_without_a_display_is_a_one_line_error(ws, monkeypatch):
     monkeypatch.setattr(matplotlib, "get_backend", lambda: "agg")  # what matplotlib falls back to with no display
     result = CliRunner().invoke(app, ["human-label", "--hardset", "tiny", "--annotator", "ann", "--ui", "window",
                                       "--workspace", str(ws)])
-    assert result.exit_code == 2 and "no window can open (matplotlib backend agg" in result.output
+    assert_one_line_error(result, "no window can open (matplotlib backend agg")
     assert not (ws / "human").exists()  # refused before any session was started
 
 
@@ -488,8 +489,9 @@ def test_label_studio_import_rejects_a_foreign_file_in_one_line(ws, tmp_path, ta
             del tasks[0]["annotations"][0]["created_at"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(tasks))
-    with pytest.raises(BenchError, match=re.escape(message)):
+    with pytest.raises(BenchError, match=re.escape(message)) as refused:
         import_labelstudio(AnnotationStore(default_db_path(ws)), bad, "completed_by", ws)
+    assert "\n" not in str(refused.value)  # the command prints it as its one `error:` line
     assert load_answers(default_db_path(ws)).empty
 
 
@@ -506,7 +508,7 @@ def test_cli_help_status_export_and_import(ws, tmp_path):
     for word in ("--hardset", "--annotator", "--ui", "--controls", "--think", "status", "export", "import"):
         assert word in help_text
     missing = runner.invoke(app, ["human-label", "--workspace", str(ws)])
-    assert missing.exit_code == 2 and "--hardset NAME and --annotator ID" in missing.output
+    assert_one_line_error(missing, "--hardset NAME and --annotator ID")
 
     session = start(ws, "ann")
     press(session, *[str(label) for label in LABELS])  # in shown order, so some are wrong
@@ -532,3 +534,37 @@ def test_cli_help_status_export_and_import(ws, tmp_path):
     result = runner.invoke(app, ["human-label", "export", "--format", "csv", "--out", str(out), "--workspace", str(ws)])
     table = pd.read_csv(out / "all-answers.csv")
     assert result.exit_code == 0 and len(table) == 10 and list(table.columns) == ANSWER_COLUMNS
+
+
+@pytest.mark.parametrize("damage", ["folder", "not sqlite"])
+def test_an_unreadable_annotation_store_is_a_one_line_error_and_is_left_as_it_is(tmp_path, damage):
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+
+    db = default_db_path(tmp_path)
+    db.parent.mkdir(parents=True)
+    if damage == "folder":
+        db.mkdir()
+    else:
+        db.write_bytes(b"not a database " * 100)
+    runner = CliRunner()
+    for command in (["status"], ["export", "--format", "csv", "--out", str(tmp_path / "out")]):
+        result = runner.invoke(app, ["human-label", *command, "--workspace", str(tmp_path)])
+        assert_one_line_error(result, f"the annotation store {db} cannot be opened")
+    with pytest.raises(BenchError, match="cannot be opened"):
+        AnnotationStore(db)
+    assert db.is_dir() if damage == "folder" else db.read_bytes() == b"not a database " * 100
+
+
+def test_csv_export_of_a_hard_set_without_answers_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+
+    store = AnnotationStore(default_db_path(tmp_path))
+    store.close()
+    result = CliRunner().invoke(app, ["human-label", "export", "--format", "csv", "--hardset", "nosuch",
+                                      "--out", str(tmp_path / "out"), "--workspace", str(tmp_path)])
+    assert_one_line_error(result, "--hardset nosuch: no answers for it")
+    assert not (tmp_path / "out").exists()

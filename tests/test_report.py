@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from benchmark.cli import app
 from benchmark.hardset import write_hardset
 from benchmark.runs import load_run, save_run
+from conftest import fabricated_probs
 from human_eval.store import AnnotationStore
 from reports.build import COMMANDS, build_report, markdown_escape
 from reports.human import fleiss_kappa
@@ -40,6 +41,7 @@ RUNS = {
     "cnn-s0": ("cnn", 0, {"epochs": 3}, 25, 20),
     "glimpse-s0": ("glimpse", 0, {"model_kwargs": {"glimpses": 5}}, 300, 400),
 }
+MISCOUNTED = "cnn-s0"  # its meta.json claims no test errors: the report must recount them from the probabilities
 STEP_ACCURACY = [0.30, 0.45, 0.80, 0.95, 0.97]
 STEP_ACCURACY_ROUNDED = [0.29, 0.44, 0.79, 0.95, 0.96]
 BOUND = {"subset": "all", "total": 70000, "best_pair": {"pixels": [350, 489], "correct": 34711},
@@ -49,15 +51,6 @@ ASSIST = {"run": "cnn-s0", "consulted": 100, "errors_before": 25, "fixed": 8, "i
           "errors_after": 20, "generator_alone": {"test_errors": 120},
           "tau_sweep": [{"tau": t, "consulted": c, "fixed": f, "introduced": i, "net_gain": f - i}
                         for t, c, f, i in [(0.5, 40, 5, 1), (0.7, 100, 8, 3), (0.9, 300, 9, 12)]]}
-
-
-def probabilities(labels: np.ndarray, wrong: np.ndarray, rng) -> np.ndarray:
-    """(N, 10) probabilities: 0.9 on the label, or on label + 1 at the `wrong` indices."""
-    probs = rng.dirichlet(np.ones(10), size=len(labels)) * 0.1
-    predicted = labels.copy()
-    predicted[wrong] = (labels[wrong] + 1) % 10
-    probs[np.arange(len(labels)), predicted] += 0.9
-    return probs
 
 
 def human_answer(position: int, annotator: str, label: int) -> tuple[int | None, int | None]:
@@ -85,11 +78,12 @@ def fabricated(tmp_path_factory):
         wrong[name] = rng.choice(N_TEST, n_wrong, replace=False)
         meta = {"name": name, "model": model, "seed": seed, "config": config, "parameters": 1000 + seed,
                 "machine": "test machine", "date": "2026-01-01", "train_seconds": 1.5,
-                "val_errors": val_errors, "val_size": 5000, "test_errors": n_wrong, "test_size": N_TEST}
+                "val_errors": val_errors, "val_size": 5000, "test_errors": 0 if name == MISCOUNTED else n_wrong,
+                "test_size": N_TEST}
         if model == "glimpse":
             meta["step_accuracy"] = STEP_ACCURACY
             meta["step_accuracy_rounded"] = STEP_ACCURACY_ROUNDED
-        save_run(ws, name, meta, probabilities(labels, wrong[name], rng))
+        save_run(ws, name, meta, fabricated_probs(labels, wrong[name], rng))
     images = rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8)
     _, items = write_hardset(ws, HARDSET, [load_run(ws, "mlp-s0"), load_run(ws, "cnn-s0")], "union",
                              images, labels)
@@ -144,6 +138,7 @@ def majority(votes: list[int | None]) -> int | None:
 def test_models_table_and_seed_groups(fabricated):
     ws, labels, wrong, *_ = fabricated
     models = pd.read_csv(ws / "report" / "models.csv").set_index("run")
+    assert load_run(ws, MISCOUNTED).meta["test_errors"] == 0  # what the table must not copy
     for name, (_, _, _, n_wrong, val_errors) in RUNS.items():
         assert models.loc[name, "test_errors"] == len(set(wrong[name])) == n_wrong
         assert models.loc[name, "test_accuracy"] == pytest.approx(1 - n_wrong / N_TEST)
@@ -171,7 +166,7 @@ def test_runs_saved_before_a_training_option_existed_group_with_runs_at_its_defa
                                                                                                      all_train=True))}
     for seed, (name, config) in enumerate(configs.items()):
         meta = {"name": name, "model": "cnn", "seed": seed, "config": config, "history": [{"epoch": 1}]}
-        save_run(tmp_path, name, meta, probabilities(labels, rng.choice(N_TEST, 5 + seed, replace=False), rng))
+        save_run(tmp_path, name, meta, fabricated_probs(labels, rng.choice(N_TEST, 5 + seed, replace=False), rng))
     groups = runs_table(collect(tmp_path, labels)).set_index("run")["group"]
     assert groups["cnn-s0"] == groups["cnn-s1"] == "cnn (all_train=False)"
     assert groups["cnn-all-s0"] == "cnn (all_train=True)"
@@ -184,7 +179,7 @@ def test_ensembles_table_recounts_the_bounds_from_the_members(tmp_path):
     labels = rng.integers(0, 10, N_TEST)
     wrong = {"a": [0, 1, 2, 3], "b": [0, 1, 5], "c": [0, 7], "d": [9]}  # image 0 wrong for a, b, c (label + 1)
     for name, indices in wrong.items():
-        save_run(tmp_path, name, {"name": name, "model": "mlp"}, probabilities(labels, np.array(indices), rng))
+        save_run(tmp_path, name, {"name": name, "model": "mlp"}, fabricated_probs(labels, np.array(indices), rng))
     build_ensemble(tmp_path, "ens-abc", [load_run(tmp_path, n) for n in "abc"], labels)
     build_ensemble(tmp_path, "ens-ad", [load_run(tmp_path, n) for n in "ad"], labels)
     shutil.rmtree(tmp_path / "runs" / "d")  # ens-ad loses a member: no bounds for it, the member is named
@@ -261,11 +256,10 @@ def test_controls_agreement_and_kappa(fabricated):
     assert controls.loc["alice", "accuracy"] == 1.0
     assert (controls.loc["carol", "correct"], controls.loc["carol", "controls"]) == (3, 4)
 
-    final = final_answers(answers)
-    a = np.array([-1 if final[("alice", t)] is None else final[("alice", t)] for t in items["test_index"]])
-    c = np.array([-1 if final[("carol", t)] is None else final[("carol", t)] for t in items["test_index"]])
+    code = {key: 10 if answer is None else answer for key, answer in final_answers(answers).items()}  # 10: cannot tell
+    a, c = (np.array([code[who, t] for t in items["test_index"]]) for who in ("alice", "carol"))
     observed = np.mean(a == c)
-    chance = sum(np.mean(a == k) * np.mean(c == k) for k in range(-1, 10))
+    chance = sum(np.mean(a == k) * np.mean(c == k) for k in range(11))
     pairs = pd.read_csv(ws / "report" / "agreement_pairs.csv")
     pair = pairs[(pairs["annotator_a"] == "alice") & (pairs["annotator_b"] == "carol")].iloc[0]
     assert pair["shared"] == len(items)
@@ -273,7 +267,9 @@ def test_controls_agreement_and_kappa(fabricated):
     assert pair["cohen_kappa"] == pytest.approx((observed - chance) / (1 - chance))
     fleiss = pd.read_csv(ws / "report" / "agreement_all.csv").iloc[0]
     assert (fleiss["annotators"], fleiss["images"]) == (3, len(items))
-    assert -1 <= fleiss["fleiss_kappa"] <= 1
+    # every annotator answered every item: the (items, 11 categories) table of how many chose each
+    counts = np.array([np.bincount([code[who, t] for who in ANNOTATORS], minlength=11) for t in items["test_index"]])
+    assert fleiss["fleiss_kappa"] == pytest.approx(fleiss_kappa(counts))
 
 
 def test_fleiss_kappa_matches_the_published_example():
@@ -345,7 +341,7 @@ def test_partial_workspace_reports_what_exists(tmp_path):
     ws = tmp_path / "ws"
     labels = np.random.default_rng(1).integers(0, 10, N_TEST)
     # a run without validation errors or any optional key, only control answers, a bare assist and bound
-    probs = probabilities(labels, np.arange(7), np.random.default_rng(2))
+    probs = fabricated_probs(labels, np.arange(7), seed=2)
     save_run(ws, "bare", {"name": "bare", "model": "mlp"}, probs)
     with AnnotationStore(ws / "human" / "annotations.sqlite") as store:
         store.add_answer("later", 5, "ann", "quick", int(labels[5]), "", shown_at=float("nan"), answered_at=1.0,
@@ -373,10 +369,13 @@ def test_the_report_replaces_an_earlier_one_whole_and_never_a_foreign_folder(fab
     assert not (out / "stale.csv").exists() and (out / "report.html").is_file()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    for target, what in ((tmp_path / "mine", "a folder with other files in it"), (out / "report.md", "a file")):
+    (out / "notes.txt").write_text("precious too")  # a report's folder with a file no report writes
+    for target, what in ((tmp_path / "mine", "a folder with other files in it"), (out / "report.md", "a file"),
+                         (out, "a folder with other files in it")):
         result = CliRunner().invoke(app, ["report", "--workspace", str(ws), "--out", str(target)])
         assert result.exit_code == 2 and what in " ".join(result.output.split()), result.output
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert (out / "notes.txt").read_text() == "precious too"
 
 
 def test_damaged_artefacts_are_skipped_not_fatal(tmp_path):
