@@ -78,7 +78,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
           resume: bool = typer.Option(False, "--resume", help="Continue the run from its checkpoint (saved after "
                                       "every epoch in <workspace>/checkpoints) with the same options."),
           device: str = typer.Option("auto", help="auto, cpu or cuda."),
-          name: Optional[str] = typer.Option(None, help="Run name (default: <model>-s<seed>, plus -l<labels>)."),
+          name: Optional[str] = typer.Option(None, help="Run name (default: <model>, a tag per --set option, -k<K>, -best, -all, then -s<seed>, -l<labels>, -from-<teacher>)."),
           data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
     """Train a model on the 55,000 fit images (or all 60,000), select nothing on the test set, save the run.
 
@@ -95,6 +95,7 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
 
     if glimpses is not None and model != "glimpse":
         raise BenchError(f"--glimpses applies to the glimpse model only, not {model}")
+    check_seed(seed)
     try:
         cfg = resolve_config(model, epochs=epochs, lr=lr, batch_size=batch_size, labels=labels, teacher=teacher,
                              train_subset=train_subset, keep_best=keep_best or None,
@@ -116,10 +117,11 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
                           for key, value in options.items())  # glimpses=2 -> -k2, pool=max -> -poolmax
     option_tags += ("-best" if keep_best else "") + ("-all" if all_train else "")
     run_name = (check_name(name, "runs") if name else f"{model}{option_tags}-s{seed}"
-                + (f"-l{labels}" if labels else "") + (f"-from-{teacher}" if teacher else ""))
+                + (f"-l{labels}" if labels is not None else "") + (f"-from-{teacher}" if teacher else ""))
     refuse_other_recipe(ws, run_name, model, lambda saved: recipe_changes(saved, cfg))
     console.print(f"training [bold]{model}[/bold] as run {run_name} on {machine_description(torch_device)}")
     checkpoint = ws / "checkpoints" / f"{run_name}.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)  # an unwritable workspace fails now, not after an epoch
     if resume and not checkpoint.exists():
         console.print(f"--resume: no checkpoint of run {run_name} in {checkpoint.parent}, so it starts at epoch 1")
     result = train_model(model, cfg, mnist, seed, torch_device, teacher=teacher_model, checkpoint=checkpoint,
@@ -163,6 +165,12 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
                   f"({100 * meta['test_errors'] / meta['test_size']:.2f}%), {meta['train_seconds']:.0f} s -> {path}")
 
 
+def check_seed(seed: int) -> None:
+    """Seeds draw labelled subsets (numpy) and trees (scikit-learn), which take 0 to 2**32 - 1."""
+    if not 0 <= seed < 2 ** 32:
+        raise BenchError(f"--seed {seed}: expected a whole number from 0 to {2 ** 32 - 1}")
+
+
 def refuse_other_recipe(ws: Path, run_name: str, model: str, changes: Callable[[dict], list[str]]) -> None:
     """Before making run `run_name`: if it is already saved as another model, or with a recipe `changes(its saved
     config)` finds different (["epochs 15 -> 30", ...]), stop with a user error instead of replacing it (for
@@ -191,9 +199,9 @@ def load_teacher(ws: Path, name: str, labels: Optional[int], seed: int):
     run = load_run(ws, name)
     if labels is None:
         raise BenchError("--teacher needs --labels N: the student keeps N labels, the teacher targets the rest")
-    if (run.meta["config"].get("labels"), run.meta["seed"]) != (labels, seed):
+    if (run.meta["config"].get("labels"), run.meta.get("seed")) != (labels, seed):
         raise BenchError(f"--teacher {name} was trained with --labels {run.meta['config'].get('labels')} "
-                         f"--seed {run.meta['seed']}; give the student the same (--labels {labels} --seed {seed} "
+                         f"--seed {run.meta.get('seed')}; give the student the same (--labels {labels} --seed {seed} "
                          f"here), so it uses no labels the teacher did not")
     return load_model(run)
 
@@ -209,11 +217,23 @@ def errors(run: List[str] = typer.Option(..., "--run", help="Run name(s) in the 
     from benchmark.hardset import write_hardset
     from benchmark.runs import load_run
 
+    if len(set(run)) < len(run):
+        raise BenchError(f"--run names a run more than once ({', '.join(run)}); name each run once")
     ws = workspace_path(workspace)
     runs = [load_run(ws, r) for r in run]
-    mnist = load_mnist(data_dir, ws)
     hardset_name = (check_name(name, "hardsets") if name
                     else "+".join(run) + ("" if mode == "union" or len(run) == 1 else f"-{mode}"))
+    saved = ws / "hardsets" / hardset_name / "hardset.json"
+    if saved.is_file():  # people may be labelling it: replace it only by the same gathering (a re-run)
+        try:
+            before = json.loads(saved.read_text())
+        except ValueError:
+            before = {}
+        if not isinstance(before, dict) or (before.get("runs"), before.get("mode")) != (list(run), mode):
+            raise BenchError(f"hard set {hardset_name} is already gathered from other runs or another mode (answers "
+                             f"given on it would no longer match): give --name to keep both, or delete "
+                             f"{saved.parent} to replace it")
+    mnist = load_mnist(data_dir, ws)
     folder, table = write_hardset(ws, hardset_name, runs, mode, mnist.test_images, mnist.test_labels)
     summary = Table(title=f"hard set {hardset_name}: {len(table)} images ({mode} of {len(runs)} run(s))")
     for col in ("run", "test errors", "in hard set wrong"):
@@ -256,6 +276,8 @@ def ensemble(members: Optional[str] = typer.Option(None, help="Model whose runs 
 
     if not run and not members:
         raise BenchError("name the members: --members MODEL --seeds N, or --run RUN repeated")
+    if not run and seeds < 1:
+        raise BenchError(f"--seeds {seeds}: expected 1 or more (the runs MODEL-s0 .. -s<N-1> are averaged)")
     names = list(run) if run else [f"{members}-s{s}" for s in range(seeds)]
     if len(set(names)) < len(names):
         raise BenchError(f"--run names a member more than once ({', '.join(names)}); name each run once")
@@ -289,6 +311,8 @@ def assist(run: str = typer.Option(..., "--run", help="Classifier run whose doub
     from benchmark.assist import run_assist
     from benchmark.train import pick_device
 
+    if steps < 1:
+        raise BenchError(f"--steps {steps}: expected 1 or more (the style code of each candidate is fitted)")
     result, folder = run_assist(workspace_path(workspace), run, generator, data_dir, pick_device(device), steps)
     chosen = result["chosen"]
     table = Table(title=f"assist of {run} by {generator} (tau {chosen['tau']:.4g}, delta {chosen['delta']:.4g}, "
@@ -324,6 +348,7 @@ def bound(subset: str = typer.Option("all", help="all (train + test, 70,000), tr
     folder = out or ws / "bound" / subset
     if folder.exists() and not folder.is_dir():
         raise BenchError(f"--out {folder} is a file; give a folder (the bound's files are written into it)")
+    folder.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails now, not after the search
     summary = run_bound(load_mnist(data_dir, ws), subset, folder, str(torch_device), benchmark)
     console.print(summary_table(summary))
     console.print(f"search (pairs, singles, adaptive): {summary['seconds']:.2f} s with {summary['engine']} "
@@ -352,6 +377,7 @@ def tree(depth: int = typer.Option(25, help="Grow the tree to this depth: at mos
     from benchmark.data import load_mnist
     from benchmark.tree_reference import tree_reference
 
+    check_seed(seed)
     ws = workspace_path(workspace)
     meta = tree_reference(load_mnist(data_dir, ws), ws, depth, seed)
     steps = meta["step_accuracy"]
@@ -379,6 +405,7 @@ def glimpse_gains(run: str = typer.Option(..., "--run", help="A glimpse run trai
     from benchmark.train import to_float
     from models.glimpse import gain_calibration
 
+    check_seed(seed)
     ws = workspace_path(workspace)
     saved = load_run(ws, run)
     options = saved.meta["config"].get("model_kwargs", {})

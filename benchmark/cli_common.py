@@ -4,7 +4,6 @@ decorator that turns a `BenchError` into one line on stderr and exit code 2 (no 
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -24,15 +23,20 @@ DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the four MNIST I
 
 
 def user_errors(command):
-    """Turn BenchError into `error: ...` on stderr and exit code 2."""
+    """Turn BenchError, and an OSError from the file system (a read-only folder, a file where a folder should be,
+    a full disk), into `error: ...` on stderr and exit code 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except BenchError as exc:
-            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            message = str(exc)
+        except OSError as exc:
+            message = (f"{exc.filename or 'a file'}: {exc.strerror or type(exc).__name__}; check that --workspace "
+                       f"(or --out) is a folder you can write to")
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
 
     return wrapper
 
@@ -40,7 +44,9 @@ def user_errors(command):
 def check_name(name: str, kind: str) -> str:
     """A name given with --name: it names a folder in <workspace>/<kind> (runs, hardsets), so it must be one
     path part, not hidden."""
-    if not re.fullmatch(r"\w[\w.+-]*", name):
+    from benchmark.runs import NAME_PATTERN
+
+    if not NAME_PATTERN.fullmatch(name):
         raise BenchError(f"--name {name!r}: use letters, digits and . _ + - only, starting with a letter or digit "
                          f"(it names the folder <workspace>/{kind}/NAME)")
     return name

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +27,17 @@ import numpy as np
 from benchmark.errors import BenchError, first_line
 
 
+# A run or hard-set name is one folder name inside the workspace: never a path, never hidden (".x.tmp" is staging).
+NAME_PATTERN = re.compile(r"\w[\w.+-]*")
+
+
 def resolve_workspace(workspace: Path | None = None) -> Path:
-    return Path(workspace or os.environ.get("BENCH_WORKSPACE") or "workspace")
+    """`workspace`, else BENCH_WORKSPACE, else ./workspace; BenchError if that path is a file."""
+    path = Path(workspace or os.environ.get("BENCH_WORKSPACE") or "workspace")
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"workspace {path} is a file, not a folder: give --workspace DIR (or BENCH_WORKSPACE) a "
+                         f"folder")
+    return path
 
 
 def machine_description(device="cpu") -> str:
@@ -112,7 +123,11 @@ def run_names(workspace: Path) -> list[str]:
 
 
 def load_run(workspace: Path, name: str) -> Run:
-    """Load a run's meta and probabilities. BenchError if it is missing or malformed."""
+    """Load a run's meta and probabilities. BenchError if the name is not a run name, or the run is missing or
+    malformed."""
+    if not NAME_PATTERN.fullmatch(name):  # "../runs/x" would read, and later commands write, outside runs/
+        raise BenchError(f"run {name!r}: a run name is a folder name in {workspace / 'runs'} (letters, digits and "
+                         f". _ + -), not a path; `bench report` lists the runs")
     path = workspace / "runs" / name
     if not (path / "meta.json").is_file() or not (path / "test_probs.npy").is_file():
         known = ", ".join(run_names(workspace)) or "none yet"
@@ -123,7 +138,11 @@ def load_run(workspace: Path, name: str) -> Run:
         test_probs = np.load(path / "test_probs.npy")
         val_probs = np.load(path / "val_probs.npy") if (path / "val_probs.npy").is_file() else None
     except (OSError, ValueError) as exc:
-        raise BenchError(f"run {name!r} in {path} is damaged ({exc}); train it again") from None
+        raise BenchError(f"run {name!r} in {path} is damaged ({first_line(exc)}); train it again") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("model"), str) and isinstance(meta.get("config", {}), dict)):
+        raise BenchError(f"run {name!r}: {path / 'meta.json'} is damaged (no model name, or a config that is not a "
+                         f"mapping); train it again")
+    meta.setdefault("config", {})  # readers look options up in it; a run saved without one had none
     if test_probs.ndim != 2 or test_probs.shape[1] != 10:
         raise BenchError(f"{path / 'test_probs.npy'}: expected shape (N, 10), got {test_probs.shape}")
     return Run(name, path, meta, test_probs, val_probs)
@@ -138,8 +157,13 @@ def load_model(run: Run):
     if not (run.path / "model.pt").is_file():
         raise BenchError(f"run {run.name!r} has no model.pt (it may be an ensemble of other runs)")
     try:
+        weights = torch.load(run.path / "model.pt", map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:  # truncated, or not a state dict
+        raise BenchError(f"run {run.name!r}: {run.path / 'model.pt'} is damaged or not a weights file "
+                         f"({type(exc).__name__}); train the run again") from None
+    try:
         model = create_model(run.meta["model"], **run.meta["config"].get("model_kwargs", {}))
-        model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
+        model.load_state_dict(weights)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # renamed model or option, other shapes
         raise BenchError(f"run {run.name!r} cannot be rebuilt with the current code ({first_line(exc)}); train it "
                          f"again") from None

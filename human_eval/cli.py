@@ -91,7 +91,7 @@ def status(data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = Wo
 
     ws = workspace_path(workspace)
     db = default_db_path(ws)
-    if not db.is_file():
+    if not db.exists():
         say(f"no annotations yet ({db} does not exist); start with `bench human-label --hardset NAME "
             f"--annotator ID`")
         return

@@ -86,6 +86,9 @@ def export_csv(db_path: Path, out: Path, hardset: str | None = None) -> tuple[Pa
     """The final answers (see `load_answers`), optionally of one hard set, as CSV. Returns (file, rows)."""
     answers = load_answers(db_path)
     if hardset is not None:
+        if hardset not in set(answers["hardset"]):  # a typo would otherwise write an empty file and say so quietly
+            known = ", ".join(sorted(set(answers["hardset"]))) or "none yet"
+            raise BenchError(f"--hardset {hardset}: no answers for it in {db_path} (hard sets with answers: {known})")
         answers = answers[answers["hardset"] == hardset]
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{hardset or 'all'}-answers.csv"

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.errors import BenchError
+
 PHASES = ("quick", "considered")
 ANSWER_COLUMNS = ["hardset", "test_index", "annotator", "phase", "answer", "reason", "seconds", "is_control"]
 BUSY_TIMEOUT_MS = 10_000  # a second annotator's commit holds the write lock for milliseconds; wait, never fail
@@ -114,12 +116,19 @@ def default_db_path(workspace: Path) -> Path:
 
 
 def connect(db_path: Path) -> sqlite3.Connection:
-    """An autocommit connection in WAL mode that waits for, rather than fails on, a concurrent writer."""
-    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
+    """An autocommit connection in WAL mode that waits for, rather than fails on, a concurrent writer.
+    BenchError if `db_path` is a folder or a file that is not an SQLite database (it is left as it is)."""
+    try:
+        if Path(db_path).is_dir():
+            raise sqlite3.OperationalError("a folder")
+        conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as exc:  # OperationalError is one too
+        raise BenchError(f"the annotation store {db_path} cannot be opened ({exc}): move it aside, or give another "
+                         f"--workspace") from None
     return conn
 
 
@@ -255,7 +264,7 @@ def load_answers(db_path: Path) -> pd.DataFrame:
     is_control (bool). Rows in the order the answers were given. Empty (same columns) if there are none.
     """
     db_path = Path(db_path)
-    if not db_path.is_file():
+    if not db_path.exists():
         frame = pd.DataFrame({col: [] for col in ANSWER_COLUMNS})
     else:
         conn = connect(db_path)

@@ -484,7 +484,12 @@ def build_report(workspace: Path, out: Path | None = None, data_dir: Path | None
     """
     workspace = Path(workspace)
     out = Path(out) if out is not None else workspace / "report"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.html").is_file())):
+    # an earlier report holds only what `write` below makes: the folder is replaced whole, so anything else in it
+    # (a user's notes beside a report.html) would be deleted with it
+    earlier_report = out.is_dir() and all(
+        entry.name in ("report.html", "report.md") or (entry.suffix == ".csv" and entry.is_file())
+        or (entry.name == "figures" and entry.is_dir()) for entry in out.iterdir())
+    if out.exists() and not earlier_report:
         what = "a folder with other files in it" if out.is_dir() else "a file"
         raise BenchError(f"--out {out} is {what}; give a new or empty folder, or the folder of an earlier report")
     if test_labels is None and needs_test_labels(workspace):

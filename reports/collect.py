@@ -102,10 +102,10 @@ def collect(root: Path, test_labels: np.ndarray | None) -> Workspace:
             continue
         ws.hardsets.append(HardSet(folder.name, items, images, meta))
 
-    if (root / ANSWERS_DB).is_file():
+    if (root / ANSWERS_DB).exists():
         try:
             ws.answers = load_answers(root / ANSWERS_DB)
-        except (sqlite3.Error, pd.errors.DatabaseError) as exc:
+        except (BenchError, sqlite3.Error, pd.errors.DatabaseError) as exc:
             ws.problems.append(f"{ANSWERS_DB}: not a readable annotation store ({exc}); human answers skipped")
 
     for path in sorted((root / "assist").glob("*/assist.json")):
