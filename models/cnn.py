@@ -87,4 +87,6 @@ CNN_RECIPE = dict(epochs=16, batch_size=128, optimizer="sgd", lr=0.2, momentum=0
                 **CNN_RECIPE, elastic=36.0, elastic_sigma=6.0)
 @register_model("cnn", "VGG-style ConvNet, batch norm, affine augmentation (strong baseline)", **CNN_RECIPE)
 def build_cnn(width: int = 32, deskew: bool = False) -> nn.Module:
+    if width < 1:
+        raise ValueError(f"width={width}: the first convolutions need 1 or more channels")
     return ConvNet(width, deskew)

@@ -25,4 +25,6 @@ class Perceptron(nn.Module):
                 epochs=10, batch_size=16, optimizer="sgd", lr=0.2, momentum=0.0, weight_decay=0.0,
                 schedule="constant")
 def build_mlp(hidden: int = 100) -> nn.Module:
+    if hidden < 1:
+        raise ValueError(f"hidden={hidden}: the hidden layer needs 1 or more units")
     return Perceptron(hidden)

@@ -58,6 +58,16 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+KIND_WORDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a word"}
+
+
+def of_kind(value, expected: type) -> bool:
+    """Whether `value` is of an option's kind: bools are not numbers here, and a whole number is a number."""
+    if expected is bool or isinstance(value, bool):
+        return isinstance(value, bool) and expected is bool
+    return isinstance(value, expected) or (expected is float and isinstance(value, int))
+
+
 def parse_model_options(name: str, items: list[str]) -> dict:
     """`KEY=VALUE` strings -> builder keyword arguments for model `name`, checked against its signature.
 
@@ -66,7 +76,8 @@ def parse_model_options(name: str, items: list[str]) -> dict:
     any data is loaded. Raises ValueError naming the bad item and the options the builder accepts, or
     the builder's own complaint.
     """
-    accepted = list(inspect.signature(get_entry(name).builder).parameters)
+    parameters = inspect.signature(get_entry(name).builder).parameters
+    accepted = list(parameters)
     options = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -74,10 +85,18 @@ def parse_model_options(name: str, items: list[str]) -> dict:
             raise ValueError(f"model option {item!r} is not KEY=VALUE (for example pool=max)")
         if key not in accepted:
             raise ValueError(f"model {name} has no option {key!r}; it accepts: {', '.join(accepted) or 'none'}")
+        if key in options:
+            raise ValueError(f"model option {key} is given twice; give it once")
         try:
-            options[key] = ast.literal_eval(text)
+            value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            options[key] = text
+            value = text
+        # the default's type is the option's, so a builder's own checks see the kind of value they expect
+        default = parameters[key].default
+        expected = type(default) if isinstance(default, (bool, int, float, str)) else None
+        if expected is not None and not of_kind(value, expected):
+            raise ValueError(f"model option {key}={text}: expected {KIND_WORDS[expected]} (default {default!r})")
+        options[key] = value
     try:
         create_model(name, **options)
     except Exception as exc:  # ValueError from the builder's own checks; sizes torch cannot make (width=-1)...

@@ -110,8 +110,21 @@ def test_model_options_are_checked_against_the_builder(tmp_path):
     assert_one_line_error(result, "is not KEY=VALUE")
     result = CliRunner().invoke(app, ["train", "--model", "cowmask", "--set", "mode=blend", "--workspace", str(tmp_path)])
     assert_one_line_error(result, "cannot be built with mode=blend: mode 'blend': expected mix or erase")
+    # a value of another kind than the option's default says what is expected, not what torch tripped over
+    for model, option, expected in [("glimpse", "glimpses=abc", "expected a whole number (default 25)"),
+                                    ("glimpse", "glimpses=2.5", "expected a whole number (default 25)"),
+                                    ("mlp", "hidden=True", "expected a whole number (default 100)"),
+                                    ("cnn", "deskew=1", "expected True or False (default False)"),
+                                    ("softorder", "ink_threshold=high", "expected a number (default")]:
+        result = CliRunner().invoke(app, ["train", "--model", model, "--set", option, "--workspace", str(tmp_path)])
+        assert_one_line_error(result, f"model option {option}: {expected}")
+    assert parse_model_options("glimpse", ["explore=1", "policy=grid"]) == {"explore": 1, "policy": "grid"}
+    result = CliRunner().invoke(app, ["train", "--model", "mlp", "--set", "hidden=10", "--set", "hidden=20",
+                                      "--workspace", str(tmp_path)])
+    assert_one_line_error(result, "model option hidden is given twice")
     # sizes torch cannot make and values that would only fail mid-training are refused up front too
-    for model, option in [("mixer", "patch=0"), ("cnn", "width=-1"), ("glimpse", "explore_steps=0")]:
+    for model, option in [("mixer", "patch=0"), ("cnn", "width=-1"), ("mlp", "hidden=0"),
+                          ("glimpse", "explore_steps=0")]:
         extra = ["--set", "explore=1.0"] if model == "glimpse" else []
         result = CliRunner().invoke(app, ["train", "--model", model, "--set", option, *extra,
                                           "--workspace", str(tmp_path)])
