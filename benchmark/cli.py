@@ -78,7 +78,8 @@ def train(model: str = typer.Option(..., "--model", help="Registered model name 
           resume: bool = typer.Option(False, "--resume", help="Continue the run from its checkpoint (saved after "
                                       "every epoch in <workspace>/checkpoints) with the same options."),
           device: str = typer.Option("auto", help="auto, cpu or cuda."),
-          name: Optional[str] = typer.Option(None, help="Run name (default: <model>, a tag per --set option, -k<K>, -best, -all, then -s<seed>, -l<labels>, -from-<teacher>)."),
+          name: Optional[str] = typer.Option(None, help="Run name (default: <model>, a tag per --set option, -k<K>, "
+                                             "-best, -all, then -s<seed>, -l<labels>, -from-<teacher>)."),
           data_dir: Optional[Path] = DataDirOpt, workspace: Optional[Path] = WorkspaceOpt):
     """Train a model on the 55,000 fit images (or all 60,000), select nothing on the test set, save the run.
 
@@ -223,16 +224,6 @@ def errors(run: List[str] = typer.Option(..., "--run", help="Run name(s) in the 
     runs = [load_run(ws, r) for r in run]
     hardset_name = (check_name(name, "hardsets") if name
                     else "+".join(run) + ("" if mode == "union" or len(run) == 1 else f"-{mode}"))
-    saved = ws / "hardsets" / hardset_name / "hardset.json"
-    if saved.is_file():  # people may be labelling it: replace it only by the same gathering (a re-run)
-        try:
-            before = json.loads(saved.read_text())
-        except ValueError:
-            before = {}
-        if not isinstance(before, dict) or (before.get("runs"), before.get("mode")) != (list(run), mode):
-            raise BenchError(f"hard set {hardset_name} is already gathered from other runs or another mode (answers "
-                             f"given on it would no longer match): give --name to keep both, or delete "
-                             f"{saved.parent} to replace it")
     mnist = load_mnist(data_dir, ws)
     folder, table = write_hardset(ws, hardset_name, runs, mode, mnist.test_images, mnist.test_labels)
     summary = Table(title=f"hard set {hardset_name}: {len(table)} images ({mode} of {len(runs)} run(s))")

@@ -45,7 +45,19 @@ def hardset_table(runs: list[Run], test_labels: np.ndarray, mode: str) -> pd.Dat
 
 def write_hardset(workspace: Path, name: str, runs: list[Run], mode: str, test_images: np.ndarray,
                   test_labels: np.ndarray) -> tuple[Path, pd.DataFrame]:
-    """Gather and write the hard set atomically; returns (folder, items table)."""
+    """Gather and write the hard set atomically; returns (folder, items table). A hard set of this name gathered
+    from other runs or in another mode is not replaced (BenchError): people may be labelling it, and their answers
+    would no longer match; the same gathering again is a re-run and replaces it."""
+    saved = workspace / "hardsets" / name / "hardset.json"
+    if saved.is_file():
+        try:
+            before = json.loads(saved.read_text())
+        except ValueError:  # a damaged hard set: nothing worth keeping
+            before = None
+        if isinstance(before, dict) and (before.get("runs"), before.get("mode")) != ([r.name for r in runs], mode):
+            raise BenchError(f"hard set {name} is already gathered from other runs or another mode (answers given on "
+                             f"it would no longer match): give --name to keep both, or delete {saved.parent} to "
+                             f"replace it")
     table = hardset_table(runs, test_labels, mode)
 
     def write(folder: Path) -> None:

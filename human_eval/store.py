@@ -118,15 +118,16 @@ def default_db_path(workspace: Path) -> Path:
 def connect(db_path: Path) -> sqlite3.Connection:
     """An autocommit connection in WAL mode that waits for, rather than fails on, a concurrent writer.
     BenchError if `db_path` is a folder or a file that is not an SQLite database (it is left as it is)."""
+    if Path(db_path).is_dir():
+        raise BenchError(f"the annotation store {db_path} cannot be opened (it is a folder): move it aside, or give "
+                         f"another --workspace")
     try:
-        if Path(db_path).is_dir():
-            raise sqlite3.OperationalError("a folder")
         conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-    except sqlite3.DatabaseError as exc:  # OperationalError is one too
+    except sqlite3.DatabaseError as exc:  # not SQLite, or unreadable; OperationalError is one too
         raise BenchError(f"the annotation store {db_path} cannot be opened ({exc}): move it aside, or give another "
                          f"--workspace") from None
     return conn
