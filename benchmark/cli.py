@@ -6,7 +6,6 @@ User errors (`BenchError`) end as one line on stderr and exit code 2, never a tr
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -177,18 +176,15 @@ def refuse_other_recipe(ws: Path, run_name: str, model: str, changes: Callable[[
     config)` finds different (["epochs 15 -> 30", ...]), stop with a user error instead of replacing it (for
     training, an hour later). The default names do not hold everything (the schedule, say), so `--epochs 30`
     would otherwise overwrite the 15-epoch run. The same model and recipe is a re-run and replaces the run."""
-    saved_meta = ws / "runs" / run_name / "meta.json"
-    if not saved_meta.is_file():
-        return
-    try:
-        saved = json.loads(saved_meta.read_text())
-    except ValueError:  # a damaged run: nothing worth keeping, let the new one replace it
-        return
-    changed = ([f"model {saved.get('model')} -> {model}"] if saved.get("model") != model
-               else changes(saved.get("config", {})))
-    if changed:
-        raise BenchError(f"run {run_name} is already saved with another recipe ({'; '.join(changed)}): give --name "
-                         f"to keep both, or delete {saved_meta.parent} to replace it")
+    from benchmark.runs import refuse_to_replace
+
+    def differences(saved: dict) -> list[str]:
+        if saved.get("model") != model:
+            return [f"model {saved.get('model')} -> {model}"]
+        return changes(saved.get("config", {}))
+
+    refuse_to_replace(ws / "runs" / run_name / "meta.json", differences,
+                      f"run {run_name} is already saved with another recipe")
 
 
 def load_teacher(ws: Path, name: str, labels: Optional[int], seed: int):

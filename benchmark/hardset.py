@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.errors import BenchError
-from benchmark.runs import Run, replace_folder_atomically
+from benchmark.runs import Run, refuse_to_replace, replace_folder_atomically
 
 
 def top3_text(probs: np.ndarray) -> list[str]:
@@ -48,23 +48,19 @@ def write_hardset(workspace: Path, name: str, runs: list[Run], mode: str, test_i
     """Gather and write the hard set atomically; returns (folder, items table). A hard set of this name gathered
     from other runs or in another mode is not replaced (BenchError): people may be labelling it, and their answers
     would no longer match; the same gathering again is a re-run and replaces it."""
-    saved = workspace / "hardsets" / name / "hardset.json"
-    if saved.is_file():
-        try:
-            before = json.loads(saved.read_text())
-        except ValueError:  # a damaged hard set: nothing worth keeping
-            before = None
-        if isinstance(before, dict) and (before.get("runs"), before.get("mode")) != ([r.name for r in runs], mode):
-            raise BenchError(f"hard set {name} is already gathered from other runs or another mode (answers given on "
-                             f"it would no longer match): give --name to keep both, or delete {saved.parent} to "
-                             f"replace it")
+    names = [r.name for r in runs]
+    refuse_to_replace(workspace / "hardsets" / name / "hardset.json",
+                      lambda saved: [f"{key} {saved.get(key)} -> {now}" for key, now in (("runs", names), ("mode", mode))
+                                     if saved.get(key) != now],
+                      f"hard set {name} is already gathered from other runs or another mode, so answers given on it "
+                      f"would no longer match")
     table = hardset_table(runs, test_labels, mode)
 
     def write(folder: Path) -> None:
         table.to_csv(folder / "items.csv", index=False)
         np.save(folder / "images.npy", test_images[table["test_index"].to_numpy()])
         (folder / "hardset.json").write_text(json.dumps(
-            {"name": name, "runs": [r.name for r in runs], "mode": mode, "count": len(table),
+            {"name": name, "runs": names, "mode": mode, "count": len(table),
              "errors_per_run": {r.name: int((r.test_predictions != test_labels).sum()) for r in runs}}, indent=2))
 
     final = replace_folder_atomically(workspace / "hardsets" / name, write)

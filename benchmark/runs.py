@@ -99,6 +99,22 @@ def replace_folder_atomically(final: Path, write: Callable[[Path], None]) -> Pat
     return final
 
 
+def refuse_to_replace(saved: Path, differences: Callable[[dict], list[str]], what: str) -> None:
+    """Before replacing the folder of `saved` (its meta.json or hardset.json): if `differences(its content)` lists
+    anything (["epochs 15 -> 30", ...]), stop with BenchError "`what` (the differences): give --name ...". A missing
+    or damaged file holds nothing worth keeping, so its folder may be replaced."""
+    if not saved.is_file():
+        return
+    try:
+        content = json.loads(saved.read_text())
+    except ValueError:
+        return
+    changed = differences(content) if isinstance(content, dict) else []
+    if changed:
+        raise BenchError(f"{what} ({'; '.join(changed)}): give --name to keep both, or delete {saved.parent} to "
+                         f"replace it")
+
+
 def save_run(workspace: Path, name: str, meta: dict, test_probs: np.ndarray,
              val_probs: np.ndarray | None = None, state_dict: dict | None = None) -> Path:
     """Write a run folder atomically; returns its path."""
